@@ -1,0 +1,1 @@
+"""ha package: to be built (see issues)."""

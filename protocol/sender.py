@@ -1,0 +1,222 @@
+"""The sending half of the reliable stream: window, acks, loss detection, retransmission.
+
+Strategy (TCP SACK + RACK / QUIC loss detection, without congestion control — the link
+is a dedicated cable and the receiver's advertised window is what must not be overrun):
+- Messages are cut into payload-sized memoryview slices (no copy) and queued.  A slice
+  gets its sequence number when it is first sent, if the send window and the peer's
+  advertised window both allow it.
+- `_inflight` holds frames sent and neither acked nor selectively acked, in the order
+  of their latest transmission (an OrderedDict, moved to the end on retransmission).
+  So the frames most likely lost are at the front, and loss detection stops at the first
+  one that is not.
+- A frame is lost when a frame transmitted after it has been acknowledged and either
+  PACKET_THRESHOLD later transmissions were acknowledged, or it was sent loss_delay
+  before now.  Lost frames are retransmitted before any new data.
+- If nothing is acknowledged for an RTO, the oldest frames are resent as probes and the
+  RTO doubles (capped); the ack a probe brings back exposes every other loss at once.
+- The peer never discards what it selectively acked, so a SACKed frame is forgotten for
+  good; sacked ranges are remembered in a RangeSet so repeated ranges cost nothing.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+from .frames import BEGIN, END
+from .ranges import RangeSet
+from .rtt import RttEstimator
+
+# Later transmissions acknowledged before a frame counts as lost (QUIC's
+# kPacketThreshold): tolerates a little reordering on the wire without waiting an RTO.
+PACKET_THRESHOLD = 3
+# Frames resent when the RTO fires: enough to elicit an ack that exposes the rest.
+PROBES_PER_RTO = 2
+
+# Fields of an in-flight record (a list, cheaper than an object on the hot path).
+_PAYLOAD, _FLAGS, _SENT_AT, _TX, _RETX = range(5)
+
+
+class Sender:
+    """Sequence numbers, in-flight frames and the decisions about what to send next."""
+
+    __slots__ = (
+        "rtt", "next_seq", "snd_una", "_right_edge", "_send_window", "_queue", "_inflight",
+        "_lost", "_sacked", "_tx", "_largest_acked_tx", "_message_ends", "_next_message",
+        "acked_messages", "_rto_armed_at", "counters",
+    )
+
+    def __init__(self, rtt: RttEstimator, send_window: int, counters) -> None:
+        self.rtt = rtt
+        self.next_seq = 1  # seq of the next new frame
+        self.snd_una = 1  # lowest seq not yet cumulatively acked
+        self._right_edge = 1 + 64  # peer's ack + window; a modest start until it says more
+        self._send_window = send_window  # our own cap on frames in flight
+        self._queue: deque = deque()  # (payload, flags) waiting for a seq
+        self._inflight: OrderedDict = OrderedDict()  # seq -> record, in transmission order
+        self._lost: deque = deque()  # (seq, record) waiting for retransmission
+        self._sacked = RangeSet()  # seqs the peer selectively acked, above snd_una
+        self._tx = 0  # transmission counter (orders every send, retransmissions too)
+        self._largest_acked_tx = 0  # latest transmission known to have arrived
+        self._message_ends: deque = deque()  # (seq of last frame, message number)
+        self._next_message = 1
+        self.acked_messages = 0  # highest message number wholly acked
+        self._rto_armed_at: float | None = None  # when the RTO clock last restarted
+        self.counters = counters
+
+    # --- what the connection asks ---------------------------------------------------
+
+    def queue_message(self, data, max_payload: int) -> int:
+        """Fragment `data` into the queue; return its message number."""
+        view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+        n = len(view)
+        queue = self._queue
+        if n <= max_payload:
+            queue.append((view, BEGIN | END))
+            frames = 1
+        else:
+            frames = 0
+            for offset in range(0, n, max_payload):
+                flags = (BEGIN if offset == 0 else 0) | (END if offset + max_payload >= n else 0)
+                queue.append((view[offset : offset + max_payload], flags))
+                frames += 1
+        number = self._next_message
+        self._next_message += 1
+        # The message's last frame will get seq next_seq + frames already queued + frames - 1.
+        self._message_ends.append((self.next_seq + len(queue) - 1, number))
+        return number
+
+    def has_unsent(self) -> bool:
+        return bool(self._lost) or bool(self._queue)
+
+    def has_inflight(self) -> bool:
+        return self.next_seq != self.snd_una
+
+    def can_send_new(self) -> bool:
+        seq = self.next_seq
+        return (
+            bool(self._queue)
+            and seq < self._right_edge
+            and seq - self.snd_una < self._send_window
+        )
+
+    def next_frame(self, now: float):
+        """(seq, payload, flags, is_retransmission) of the frame to send now, or None."""
+        self._tx += 1
+        lost = self._lost
+        while lost:
+            seq, record = lost.popleft()
+            if seq < self.snd_una or seq in self._sacked:
+                continue  # acknowledged while it waited
+            record[_SENT_AT] = now
+            record[_TX] = self._tx
+            record[_RETX] += 1
+            self._inflight[seq] = record
+            self.counters.retransmits += 1
+            if self._rto_armed_at is None:
+                self._rto_armed_at = now
+            return seq, record[_PAYLOAD], record[_FLAGS], True
+        if not self.can_send_new():
+            self._tx -= 1
+            return None
+        payload, flags = self._queue.popleft()
+        seq = self.next_seq
+        self.next_seq = seq + 1
+        self._inflight[seq] = [payload, flags, now, self._tx, 0]
+        if self._rto_armed_at is None:
+            self._rto_armed_at = now
+        return seq, payload, flags, False
+
+    # --- what the peer tells us -----------------------------------------------------
+
+    def on_ack(self, ack: int, window: int, sack_ranges, now: float) -> bool:
+        """Process a cumulative ack, its window and selective-ack ranges.
+
+        Returns True if anything new was acknowledged.  Bogus values from the peer (an
+        ack beyond what was sent) are clamped, never trusted.
+        """
+        if ack > self.next_seq:
+            ack = self.next_seq
+        edge = ack + window
+        if edge > self._right_edge:
+            self._right_edge = edge
+        inflight = self._inflight
+        newest = None  # the acked record transmitted last: the RTT sample and loss anchor
+        if ack > self.snd_una:
+            pop = inflight.pop
+            for seq in range(self.snd_una, ack):
+                record = pop(seq, None)
+                if record is not None and (newest is None or record[_TX] > newest[_TX]):
+                    newest = record
+            self.snd_una = ack
+            self._sacked.discard_below(ack)
+            self._ack_messages(ack)
+        for start, end in sack_ranges:
+            if end > self.next_seq:
+                end = self.next_seq
+            if start < self.snd_una:
+                start = self.snd_una
+            for new_start, new_end in self._sacked.add_range(start, end):
+                for seq in range(new_start, new_end):
+                    record = inflight.pop(seq, None)
+                    if record is not None and (newest is None or record[_TX] > newest[_TX]):
+                        newest = record
+        if newest is None:
+            return False
+        if newest[_RETX] == 0:
+            self.rtt.sample(now - newest[_SENT_AT])
+        self.rtt.backoff = 0
+        self._rto_armed_at = now if inflight else None
+        if newest[_TX] > self._largest_acked_tx:
+            self._largest_acked_tx = newest[_TX]
+        self._detect_losses(now)
+        return True
+
+    def _ack_messages(self, ack: int) -> None:
+        ends = self._message_ends
+        while ends and ends[0][0] < ack:
+            self.acked_messages = ends.popleft()[1]
+
+    def _detect_losses(self, now: float) -> None:
+        inflight = self._inflight
+        largest = self._largest_acked_tx
+        deadline = now - self.rtt.loss_delay()
+        while inflight:
+            seq = next(iter(inflight))
+            record = inflight[seq]
+            tx = record[_TX]
+            if tx >= largest:
+                break  # sent after the newest acknowledged frame: nothing to judge by
+            if largest - tx >= PACKET_THRESHOLD or record[_SENT_AT] <= deadline:
+                del inflight[seq]
+                self._lost.append((seq, record))
+            else:
+                break  # later records were sent later still: none of them is lost either
+
+    # --- timers ---------------------------------------------------------------------
+
+    def timer(self) -> float | None:
+        """When the sender next needs handle_timer: loss-delay or RTO expiry."""
+        inflight = self._inflight
+        if not inflight:
+            return None
+        record = inflight[next(iter(inflight))]
+        if record[_TX] < self._largest_acked_tx:
+            return record[_SENT_AT] + self.rtt.loss_delay()
+        return (self._rto_armed_at or record[_SENT_AT]) + self.rtt.rto()
+
+    def handle_timer(self, now: float) -> None:
+        inflight = self._inflight
+        if not inflight:
+            return
+        record = inflight[next(iter(inflight))]
+        if record[_TX] < self._largest_acked_tx:
+            self._detect_losses(now)
+            return
+        if now < (self._rto_armed_at or record[_SENT_AT]) + self.rtt.rto():
+            return
+        self.counters.rto_expirations += 1
+        self.rtt.backoff += 1
+        self._rto_armed_at = now
+        for _ in range(min(PROBES_PER_RTO, len(inflight))):
+            seq, record = inflight.popitem(last=False)
+            self._lost.append((seq, record))

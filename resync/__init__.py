@@ -1,0 +1,1 @@
+"""resync package: to be built (see issues)."""
