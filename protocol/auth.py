@@ -27,7 +27,7 @@ import hmac
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from .frames import TAG_SIZE, TRAILER_COUNTER, TRAILER_SIZE
+from .frames import TRAILER_COUNTER, TRAILER_SIZE
 
 PROOF_SIZE = 16  # 128-bit proofs: forging one is as hard as guessing the key
 _KEY_SIZE = 32
@@ -59,7 +59,7 @@ def direction_key(key: bytes, sender_nonce: bytes, receiver_nonce: bytes) -> byt
 
 
 class FrameSealer:
-    """Appends the MAC trailer to outgoing frames of one direction of one session."""
+    """Makes the MAC trailer of outgoing frames of one direction of one session."""
 
     __slots__ = ("_aead", "_counter")
 
@@ -67,15 +67,12 @@ class FrameSealer:
         self._aead = ChaCha20Poly1305(key)
         self._counter = 0  # never repeats within a session: it is the AEAD nonce
 
-    def seal(self, view: memoryview, end: int) -> None:
-        """Write counter and tag at `end`; the checksum field must still be zero."""
+    def seal(self, fields, payload) -> bytes:
+        """The 24-byte trailer: counter, then the tag over header fields ‖ payload ‖ counter."""
         self._counter += 1
-        counter = self._counter
-        TRAILER_COUNTER.pack_into(view, end, counter)
-        tag_at = end + TRAILER_COUNTER.size
-        view[tag_at : tag_at + TAG_SIZE] = self._aead.encrypt(
-            _NONCE_PAD + counter.to_bytes(8, "big"), b"", view[:tag_at]
-        )
+        counter = TRAILER_COUNTER.pack(self._counter)
+        tag = self._aead.encrypt(_NONCE_PAD + counter, b"", b"".join((fields, payload, counter)))
+        return counter + tag
 
 
 class FrameOpener:
@@ -86,12 +83,12 @@ class FrameOpener:
     def __init__(self, key: bytes) -> None:
         self._aead = ChaCha20Poly1305(key)
 
-    def verify(self, view: memoryview, end: int) -> bool:
-        """True if the trailer at `end` authenticates view[:end] (checksum zeroed)."""
-        tag_at = end + TRAILER_COUNTER.size
-        nonce = _NONCE_PAD + bytes(view[end:tag_at])
+    def verify(self, fields, payload, trailer) -> bool:
+        """True if `trailer` (counter ‖ tag) authenticates the header fields ‖ payload."""
+        counter = bytes(trailer[: TRAILER_COUNTER.size])
         try:
-            self._aead.decrypt(nonce, bytes(view[tag_at : end + TRAILER_SIZE]), view[:tag_at])
+            self._aead.decrypt(_NONCE_PAD + counter, bytes(trailer[TRAILER_COUNTER.size : TRAILER_SIZE]),
+                               b"".join((fields, payload, counter)))
         except InvalidTag:
             return False
         return True

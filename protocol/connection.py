@@ -75,6 +75,7 @@ class _Session:
     __slots__ = (
         "id", "nonce", "peer_nonce", "peer_node", "peer_address", "mtu", "max_payload",
         "sealer", "opener", "sender", "receiver", "last_received", "ping_at", "hello_reply",
+        "peer_confirmed",
     )
 
 
@@ -205,7 +206,7 @@ class Connection:
             if not frame.flags & AUTHENTICATED:
                 counters.unauthenticated += 1
                 return
-            if not session.opener.verify(frame.buffer, frame.end):
+            if not session.opener.verify(frame.fields, frame.payload, frame.trailer):
                 counters.bad_mac += 1
                 return
         elif frame.flags & AUTHENTICATED:
@@ -222,6 +223,7 @@ class Connection:
         counters = self.counters
         counters.frames_received += 1
         session.last_received = now
+        session.peer_confirmed = True
         ftype = frame.type
         sender = session.sender
         if ftype == _DATA:
@@ -277,8 +279,11 @@ class Connection:
             return
         counters.frames_received += 1
         if session is not None and hello.nonce == session.peer_nonce:
-            if hello.echo == session.nonce:
-                session.hello_reply = True  # the peer missed our last HELLO: repeat it
+            if hello.echo == session.nonce and not session.peer_confirmed:
+                # The peer may have missed our last HELLO: repeat it, until a session
+                # frame shows the peer is connected too (else two connected peers would
+                # answer each other's HELLOs for ever).
+                session.hello_reply = True
             return
         attempt = self._attempt
         if attempt is None:  # a new nonce while a session runs: the peer restarted
@@ -356,6 +361,7 @@ class Connection:
         session.last_received = now
         session.ping_at = now + config.keepalive_interval
         session.hello_reply = True  # let the peer complete its side of the handshake
+        session.peer_confirmed = False  # until a session frame arrives from the peer
         self._session = session
         self._attempt = None
         self._hello_at = None
@@ -411,29 +417,27 @@ class Connection:
 
     def _session_frames(self, session: _Session, out: list, now: float, max_frames) -> None:
         dest = session.peer_address
+        append = out.append
         if session.hello_reply:
-            out.append((self._hello(session.nonce, session.peer_nonce), dest))
+            append((self._hello(session.nonce, session.peer_nonce), dest))
             session.hello_reply = False
         sender = session.sender
         receiver = session.receiver
         volume = self.config.volume
         sid = session.id
         sealer = session.sealer
-        limit = max_frames if max_frames is not None else 1 << 30
-        sent_data = False
-        append = out.append
+        limit = max_frames - len(out) if max_frames is not None else 1 << 30
         bytes_sent = 0
-        while len(out) < limit:
-            item = sender.next_frame(now)
-            if item is None:
-                break
-            seq, payload, flags, _ = item
-            append((encode_frame(_DATA, flags, volume, sid, seq, receiver.rcv_next,
-                                 receiver.window(), payload, sealer), dest))
-            bytes_sent += len(payload)
-            sent_data = True
+        batch = sender.take(now, limit) if limit > 0 else ()
+        if batch:
+            ack = receiver.rcv_next
+            window = receiver.window()
+            for seq, payload, flags in batch:
+                append((encode_frame(_DATA, flags, volume, sid, seq, ack, window, payload, sealer),
+                        dest))
+                bytes_sent += len(payload)
         self.counters.bytes_sent += bytes_sent
-        if sent_data and not receiver.has_gap():
+        if batch and not receiver.has_gap():
             receiver.acked()  # the DATA frames carried the cumulative ack
         ack_due = receiver.ack_due
         if receiver.ack_now or (ack_due is not None and now >= ack_due):

@@ -13,14 +13,15 @@ A frame is the payload of one Ethernet frame (EtherType 0x88B5).  Layout, big-en
     28     4    window           frames beyond `ack` this sender will accept
     32     2    payload length
     34     2    reserved         0
-    36     8    checksum         xxh3-64 over header and payload, with this field zeroed
+    36     8    checksum         xxh3-64 of the payload, seeded with the xxh3-64 of
+                                    bytes 0..35: covers header and payload (frame_checksum)
     44     n    payload
     44+n   24   MAC trailer      only when flags has AUTHENTICATED: u64 counter, 16-byte tag
 
 Frames longer than 44 + n (+ 24) are accepted and the surplus ignored: Ethernet pads
 short frames to 60 bytes on real NICs.  The hot path here is what limits goodput, so
-encoding writes into one preallocated bytearray and decoding reads with one
-`unpack_from` and checks the checksum in place (zeroing the field in the caller's buffer).
+encoding copies the payload once (the final join) and decoding reads with one
+`unpack_from`, checks the chained checksum, and hands out the payload as a view.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ VERSION = 1
 
 HEADER = struct.Struct(">BBHIIQQIHHQ")
 HEADER_SIZE = HEADER.size  # 44
+# Everything but the checksum, which comes last so that what it covers is contiguous.
+HEADER_FIELDS = struct.Struct(">BBHIIQQIHH")
 CHECKSUM = struct.Struct(">Q")
-CHECKSUM_OFFSET = 36
-_ZERO_CHECKSUM = bytes(CHECKSUM.size)
+CHECKSUM_OFFSET = HEADER_FIELDS.size  # 36
 
 # The MAC trailer: a per-direction frame counter (the AEAD nonce) and a Poly1305 tag.
 TRAILER_COUNTER = struct.Struct(">Q")
@@ -86,9 +88,10 @@ _KNOWN_TYPES = frozenset(int(t) for t in FrameType)
 class Frame:
     """A decoded frame.  `payload` is a memoryview into the received buffer (no copy)."""
 
-    __slots__ = ("type", "flags", "volume", "session", "seq", "ack", "window", "payload", "buffer", "end")
+    __slots__ = ("type", "flags", "volume", "session", "seq", "ack", "window", "payload",
+                 "fields", "trailer")
 
-    def __init__(self, ftype, flags, volume, session, seq, ack, window, payload, buffer, end):
+    def __init__(self, ftype, flags, volume, session, seq, ack, window, payload, fields, trailer):
         self.type = ftype
         self.flags = flags
         self.volume = volume
@@ -97,8 +100,8 @@ class Frame:
         self.ack = ack
         self.window = window
         self.payload = payload
-        self.buffer = buffer  # the whole frame, for MAC verification
-        self.end = end  # offset just past the payload (where a MAC trailer starts)
+        self.fields = fields  # header bytes 0..35 (all but the checksum): what the MAC covers
+        self.trailer = trailer  # the MAC trailer (memoryview) or None
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return (
@@ -106,6 +109,16 @@ class Frame:
             f"session={self.session:#x}, seq={self.seq}, ack={self.ack}, "
             f"window={self.window}, len={len(self.payload)})"
         )
+
+
+def frame_checksum(fields, payload) -> int:
+    """xxh3-64 of the payload, seeded with the xxh3-64 of the header's fields (0..35).
+
+    Chaining covers header and payload without building them into one buffer first:
+    the sender concatenates once, after the checksum is known, and the receiver checks
+    a frame in place, without copying or writing into it.
+    """
+    return _checksum(payload, _checksum(fields))
 
 
 def encode_frame(
@@ -118,29 +131,22 @@ def encode_frame(
     window: int,
     payload=b"",
     sealer=None,
-) -> bytearray:
+) -> bytes:
     """Build one frame.  With a `sealer` the AUTHENTICATED flag is set and a MAC appended.
 
-    The MAC is computed over header and payload with the checksum field zeroed, and the
-    checksum over the same bytes, so the receiver verifies both after zeroing once.
+    The MAC covers the header's fields, the payload and the counter; the checksum covers
+    fields and payload.  One copy of the payload is made: the final join.
     """
     n = len(payload)
     if n > MAX_PAYLOAD:
         raise ValueError(f"payload of {n} bytes exceeds the {MAX_PAYLOAD}-byte field")
-    end = HEADER_SIZE + n
     if sealer is not None:
         flags |= AUTHENTICATED
-        buf = bytearray(end + TRAILER_SIZE)
-    else:
-        buf = bytearray(end)
-    HEADER.pack_into(buf, 0, VERSION, ftype, flags, volume, session, seq, ack, window, n, 0, 0)
-    if n:
-        buf[HEADER_SIZE:end] = payload
-    view = memoryview(buf)
+    fields = HEADER_FIELDS.pack(VERSION, ftype, flags, volume, session, seq, ack, window, n, 0)
+    checksum = CHECKSUM.pack(_checksum(payload, _checksum(fields)))
     if sealer is not None:
-        sealer.seal(view, end)
-    CHECKSUM.pack_into(buf, CHECKSUM_OFFSET, _checksum(view[:end]))
-    return buf
+        return b"".join((fields, checksum, payload, sealer.seal(fields, payload)))
+    return b"".join((fields, checksum, payload))
 
 
 def peek_version(data) -> int | None:
@@ -151,28 +157,28 @@ def peek_version(data) -> int | None:
 def decode_frame(data) -> Frame:
     """Parse and integrity-check one frame; raise FrameError(reason) if it is not valid.
 
-    `data` should be a writable buffer (bytearray or writable memoryview): the checksum
-    field is zeroed in place.  Read-only input is copied first.
+    `data` is any bytes-like object; it is not modified, and the payload is a view of it.
     """
     n = len(data)
     if n < HEADER_SIZE:
         raise FrameError("malformed", f"{n} bytes is shorter than the {HEADER_SIZE}-byte header")
-    if isinstance(data, bytes) or (isinstance(data, memoryview) and data.readonly):
-        data = bytearray(data)
     (version, ftype, flags, volume, session, seq, ack, window, length, reserved, checksum) = (
         HEADER.unpack_from(data)
     )
     if version != VERSION:
         raise FrameError("bad_version", f"version {version}, this node speaks {VERSION}")
     end = HEADER_SIZE + length
+    view = memoryview(data)
+    trailer = None
     if flags & AUTHENTICATED:
         if end + TRAILER_SIZE > n:
             raise FrameError("malformed", "MAC trailer cut short")
+        trailer = view[end : end + TRAILER_SIZE]
     elif end > n:
         raise FrameError("malformed", f"payload length {length} runs past the frame ({n} bytes)")
-    view = memoryview(data)
-    view[CHECKSUM_OFFSET:HEADER_SIZE] = _ZERO_CHECKSUM
-    if _checksum(view[:end]) != checksum:
+    fields = view[:CHECKSUM_OFFSET]
+    payload = view[HEADER_SIZE:end]
+    if _checksum(payload, _checksum(fields)) != checksum:
         raise FrameError("corrupt", "checksum mismatch")
     # Checked after the checksum so that line noise counts as corruption, not as a peer
     # speaking a dialect we do not know.
@@ -180,4 +186,4 @@ def decode_frame(data) -> Frame:
         raise FrameError("malformed", f"unknown frame type {ftype}")
     if flags & ~KNOWN_FLAGS or reserved:
         raise FrameError("malformed", f"unknown flag bits {flags:#x} or reserved field set")
-    return Frame(ftype, flags, volume, session, seq, ack, window, view[HEADER_SIZE:end], view, end)
+    return Frame(ftype, flags, volume, session, seq, ack, window, payload, fields, trailer)

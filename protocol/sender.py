@@ -91,40 +91,42 @@ class Sender:
     def has_inflight(self) -> bool:
         return self.next_seq != self.snd_una
 
-    def can_send_new(self) -> bool:
-        seq = self.next_seq
-        return (
-            bool(self._queue)
-            and seq < self._right_edge
-            and seq - self.snd_una < self._send_window
-        )
-
-    def next_frame(self, now: float):
-        """(seq, payload, flags, is_retransmission) of the frame to send now, or None."""
-        self._tx += 1
+    def take(self, now: float, limit: int) -> list:
+        """Up to `limit` frames to send now, as (seq, payload, flags): lost frames first,
+        then new ones as far as both windows allow.  Batched because this is the hot path."""
+        out = []
         lost = self._lost
-        while lost:
+        inflight = self._inflight
+        while lost and len(out) < limit:
             seq, record = lost.popleft()
             if seq < self.snd_una or seq in self._sacked:
                 continue  # acknowledged while it waited
+            self._tx += 1
             record[_SENT_AT] = now
             record[_TX] = self._tx
             record[_RETX] += 1
-            self._inflight[seq] = record
+            inflight[seq] = record
             self.counters.retransmits += 1
-            if self._rto_armed_at is None:
-                self._rto_armed_at = now
-            return seq, record[_PAYLOAD], record[_FLAGS], True
-        if not self.can_send_new():
-            self._tx -= 1
-            return None
-        payload, flags = self._queue.popleft()
-        seq = self.next_seq
-        self.next_seq = seq + 1
-        self._inflight[seq] = [payload, flags, now, self._tx, 0]
-        if self._rto_armed_at is None:
+            out.append((seq, record[_PAYLOAD], record[_FLAGS]))
+        queue = self._queue
+        if queue and len(out) < limit:
+            seq = self.next_seq
+            stop = min(self._right_edge, self.snd_una + self._send_window, seq + limit - len(out),
+                       seq + len(queue))
+            tx = self._tx
+            popleft = queue.popleft
+            append = out.append
+            while seq < stop:
+                payload, flags = popleft()
+                tx += 1
+                inflight[seq] = [payload, flags, now, tx, 0]
+                append((seq, payload, flags))
+                seq += 1
+            self._tx = tx
+            self.next_seq = seq
+        if out and self._rto_armed_at is None:
             self._rto_armed_at = now
-        return seq, payload, flags, False
+        return out
 
     # --- what the peer tells us -----------------------------------------------------
 
@@ -140,13 +142,13 @@ class Sender:
         if edge > self._right_edge:
             self._right_edge = edge
         inflight = self._inflight
-        newest = None  # the acked record transmitted last: the RTT sample and loss anchor
+        acked = []  # records newly acknowledged, cumulatively or selectively
         if ack > self.snd_una:
             pop = inflight.pop
             for seq in range(self.snd_una, ack):
                 record = pop(seq, None)
-                if record is not None and (newest is None or record[_TX] > newest[_TX]):
-                    newest = record
+                if record is not None:
+                    acked.append(record)
             self.snd_una = ack
             self._sacked.discard_below(ack)
             self._ack_messages(ack)
@@ -158,14 +160,27 @@ class Sender:
             for new_start, new_end in self._sacked.add_range(start, end):
                 for seq in range(new_start, new_end):
                     record = inflight.pop(seq, None)
-                    if record is not None and (newest is None or record[_TX] > newest[_TX]):
-                        newest = record
-        if newest is None:
+                    if record is not None:
+                        acked.append(record)
+        if not acked:
             return False
-        if newest[_RETX] == 0:
-            self.rtt.sample(now - newest[_SENT_AT])
         self.rtt.backoff = 0
         self._rto_armed_at = now if inflight else None
+        # The newest transmission known to have arrived anchors both the RTT sample and
+        # loss detection.  A retransmitted frame acked sooner than the link's minimum RTT
+        # after its retransmission was acked by its *original* copy (RACK's rule): taking
+        # the retransmission as the anchor would declare everything sent before it lost.
+        min_rtt = self.rtt.min_rtt
+        newest = None
+        for record in acked:
+            if record[_RETX] and now - record[_SENT_AT] < min_rtt:
+                continue
+            if newest is None or record[_TX] > newest[_TX]:
+                newest = record
+        if newest is None:
+            return True
+        if newest[_RETX] == 0:
+            self.rtt.sample(now - newest[_SENT_AT])
         if newest[_TX] > self._largest_acked_tx:
             self._largest_acked_tx = newest[_TX]
         self._detect_losses(now)
@@ -179,14 +194,16 @@ class Sender:
     def _detect_losses(self, now: float) -> None:
         inflight = self._inflight
         largest = self._largest_acked_tx
-        deadline = now - self.rtt.loss_delay()
+        delay = self.rtt.loss_delay()
         while inflight:
             seq = next(iter(inflight))
             record = inflight[seq]
             tx = record[_TX]
             if tx >= largest:
                 break  # sent after the newest acknowledged frame: nothing to judge by
-            if largest - tx >= PACKET_THRESHOLD or record[_SENT_AT] <= deadline:
+            # `sent + delay <= now`, the same expression timer() uses: written as
+            # `sent <= now - delay` rounding can leave the timer due but nothing lost.
+            if largest - tx >= PACKET_THRESHOLD or record[_SENT_AT] + delay <= now:
                 del inflight[seq]
                 self._lost.append((seq, record))
             else:

@@ -1,0 +1,155 @@
+"""The replication link's I/O glue: one interface, its connections, one event loop.
+
+Everything protocol-shaped lives in protocol/; this module only moves frames between an
+AF_PACKET socket and the sans-IO connections, feeds them the clock and the interface's
+carrier events, and sends what they produce (through the fault injector when one is
+configured).  Several connections (one per volume) may share an interface: incoming
+frames are dispatched by the volume id in the header.
+
+The loop is single-threaded and never blocks while a connection has more to send: a
+call to frames_to_send that fills its batch means "there is more", so the next poll
+does not wait.  Batches keep acks flowing in while a large message goes out.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import struct
+import time
+from typing import Callable
+
+from protocol import Connection, Event
+
+from .faults import FaultInjector
+from .iface import CarrierMonitor, interface_info
+from .packet_socket import PacketSocket
+
+log = logging.getLogger(__name__)
+
+# Frames handed to the socket per connection per loop turn: large enough to amortise the
+# loop, small enough that incoming acks are read before the window runs dry.
+SEND_BATCH = 64
+# Frames read per loop turn before timers and sends get their turn.
+RECV_BATCH = 256
+# Longest poll wait when no timer is due sooner: bounds the reaction to new work.
+MAX_WAIT = 0.1
+
+_VOLUME = struct.Struct(">I")
+_VOLUME_OFFSET = 4
+
+
+class Link:
+    """Connections over one dedicated interface."""
+
+    def __init__(self, ifname: str, *, faults: FaultInjector | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ifname = ifname
+        self.info = interface_info(ifname)
+        self.socket = PacketSocket(ifname)
+        self.carrier = CarrierMonitor(ifname)
+        self.faults = faults
+        self.clock = clock
+        self.counters = {"runt": 0, "unknown_volume": 0}  # frames no connection could take
+        self._conns: dict[int, Connection] = {}
+        self._more = False  # a connection filled its last batch: don't wait in poll
+        self._poll = select.poll()
+        self._poll.register(self.socket.fileno(), select.POLLIN)
+        self._poll.register(self.carrier.fileno(), select.POLLIN)
+
+    @property
+    def mac(self) -> bytes:
+        return self.info.mac
+
+    @property
+    def mtu(self) -> int:
+        return self.info.mtu
+
+    def add(self, conn: Connection) -> None:
+        """Serve `conn` on this link (its config.volume must be unique here)."""
+        volume = conn.config.volume
+        if volume in self._conns:
+            raise ValueError(f"volume id {volume} is already served on {self.ifname}")
+        self._conns[volume] = conn
+
+    def start(self) -> None:
+        """Start every connection's handshake, telling it the carrier's present state."""
+        now = self.clock()
+        for conn in self._conns.values():
+            conn.connect(now=now)
+            if not self.info.carrier:
+                conn.carrier_changed(False, now=now)
+        self.flush()
+
+    def close(self) -> None:
+        """Release the socket and the netlink subscription."""
+        self.socket.close()
+        self.carrier.close()
+
+    def step(self, timeout: float = MAX_WAIT) -> list[tuple[Connection, Event]]:
+        """One loop turn: wait up to `timeout` for input or a timer, then do all due work.
+
+        Returns the events the connections produced, in order.
+        """
+        now = self.clock()
+        wait = 0.0 if self._more else timeout
+        for conn in self._conns.values():
+            due = conn.get_timer()
+            if due is not None and due - now < wait:
+                wait = max(due - now, 0.0)
+        ready = self._poll.poll(wait * 1000.0) if wait > 0 else self._poll.poll(0)
+        now = self.clock()
+        carrier_fd = self.carrier.fileno()
+        for fd, _ in ready:
+            if fd == carrier_fd:
+                for up in self.carrier.read():
+                    log.info("%s: carrier %s", self.ifname, "up" if up else "down")
+                    for conn in self._conns.values():
+                        conn.carrier_changed(up, now=now)
+        self._receive(now)
+        for conn in self._conns.values():
+            due = conn.get_timer()
+            if due is not None and due <= now:
+                conn.handle_timer(now=now)
+        self.flush(now)
+        events = []
+        for conn in self._conns.values():
+            while (event := conn.next_event()) is not None:
+                events.append((conn, event))
+        return events
+
+    def _receive(self, now: float) -> None:
+        conns = self._conns
+        single = next(iter(conns.values())) if len(conns) == 1 else None
+        for payload, source in self.socket.recv_batch(RECV_BATCH):
+            if single is not None:
+                single.receive_frame(payload, source, now=now)  # it checks the volume itself
+                continue
+            if len(payload) < _VOLUME_OFFSET + _VOLUME.size:
+                self.counters["runt"] += 1
+                continue
+            conn = conns.get(_VOLUME.unpack_from(payload, _VOLUME_OFFSET)[0])
+            if conn is None:
+                self.counters["unknown_volume"] += 1
+                continue
+            conn.receive_frame(payload, source, now=now)
+
+    def flush(self, now: float | None = None) -> None:
+        """Send what every connection has to send now (one batch each)."""
+        if now is None:
+            now = self.clock()
+        more = False
+        send = self.socket.send
+        faults = self.faults
+        for conn in self._conns.values():
+            frames = conn.frames_to_send(now=now, max_frames=SEND_BATCH)
+            if len(frames) >= SEND_BATCH:
+                more = True
+            if faults is None:
+                for frame, dest in frames:
+                    send(frame, dest)
+            else:
+                for frame, dest in frames:
+                    for out, out_dest in faults.apply(frame, dest):
+                        send(out, out_dest)
+        self._more = more
