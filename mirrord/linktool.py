@@ -35,6 +35,7 @@ from protocol import (
 from .faults import FaultInjector, parse_fault_spec
 from .iface import InterfaceError
 from .link import Link
+from .process import tune_allocator
 
 log = logging.getLogger("mirrord-link")
 
@@ -42,8 +43,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # Messages queued ahead of the peer's acknowledgement: keeps the window full without
 # queueing the whole transfer in memory.
 MAX_OUTSTANDING = 64
-# Random data the sender cycles through (a prime-ish stride varies each message).
-POOL_SIZE = 4 << 20
+# Memory the sender's message slots may take (see Payloads).
+OUTSTANDING_BYTES = 16 << 20
 _INDEX_BYTES = 8  # every message starts with its index: the receiver checks the order
 # After the last byte, the receiver keeps acking this long so the sender hears it.
 LINGER = 1.0
@@ -83,16 +84,29 @@ def format_mac(mac) -> str | None:
 
 
 class Payloads:
-    """The deterministic byte stream a sender sends and a receiver can re-create."""
+    """The deterministic byte stream a sender sends, without a copy per message.
 
-    def __init__(self, seed: int, message_size: int) -> None:
-        self.pool = memoryview(random.Random(seed).randbytes(POOL_SIZE + message_size))
-        self.message_size = message_size
+    Message i is slot i % slots: a fixed pseudo-random block (different per slot) whose
+    first 8 bytes are overwritten with i, so the receiver can check order and the digest
+    covers content.  A slot is rewritten only when message i + slots is queued; the
+    sender keeps fewer than `slots` messages unacknowledged, so by then message i has
+    been acknowledged and will never be retransmitted from the slot.
+    """
 
-    def message(self, index: int, size: int) -> bytes:
-        """Message `index`: its index, then `size - 8` bytes of the pool (one copy)."""
-        offset = (index * 7919) % POOL_SIZE
-        return b"".join((index.to_bytes(_INDEX_BYTES, "big"), self.pool[offset : offset + size - _INDEX_BYTES]))
+    def __init__(self, seed: int, message_size: int, slots: int) -> None:
+        rnd = random.Random(seed)
+        self.slots = [bytearray(rnd.randbytes(message_size)) for _ in range(slots)]
+
+    def message(self, index: int, size: int) -> memoryview:
+        slot = self.slots[index % len(self.slots)]
+        slot[:_INDEX_BYTES] = index.to_bytes(_INDEX_BYTES, "big")
+        return memoryview(slot)[:size]
+
+
+def outstanding_limit(message_size: int) -> int:
+    """Messages queued ahead of acknowledgement: MAX_OUTSTANDING, or fewer for large
+    messages so the sender's slots stay within OUTSTANDING_BYTES."""
+    return max(2, min(MAX_OUTSTANDING, OUTSTANDING_BYTES // message_size))
 
 
 def build(args) -> tuple[Link, Connection]:
@@ -186,7 +200,8 @@ def wait_connected(link: Link, conn: Connection, deadline: float, stop: Stop) ->
 def run_send(args, link: Link, conn: Connection, stop: Stop) -> int:
     total = args.bytes
     size = args.message_size
-    payloads = Payloads(args.seed, size)
+    limit = outstanding_limit(size)
+    payloads = Payloads(args.seed, size, limit + 1)
     count = -(-total // size)
     link.start()
     if not wait_connected(link, conn, time.monotonic() + args.connect_timeout, stop):
@@ -202,7 +217,7 @@ def run_send(args, link: Link, conn: Connection, stop: Stop) -> int:
         if now > deadline or stop.requested:
             failure = "timed out" if now > deadline else "stopped"
             break
-        while sent < count and sent - acked < MAX_OUTSTANDING:
+        while sent < count and sent - acked < limit:
             if args.rate and sent * size > (now - start) * args.rate:
                 break  # --rate: the next message is not due yet
             message = payloads.message(sent, min(size, total - sent * size))
@@ -349,6 +364,7 @@ def main(argv=None) -> int:
     except UsageError as err:
         print(f"mirrord-link: {err}", file=sys.stderr)
         return EXIT_USAGE
+    tune_allocator()
     stop = Stop()
     try:
         return {"send": run_send, "receive": run_receive, "monitor": run_monitor}[args.command](

@@ -16,13 +16,12 @@ GRANULARITY = 0.001
 class RttEstimator:
     """Smoothed RTT, variance and the backed-off retransmission timeout."""
 
-    __slots__ = ("srtt", "rttvar", "latest", "min_rtt", "backoff", "_initial", "_min", "_max")
+    __slots__ = ("srtt", "rttvar", "latest", "backoff", "_initial", "_min", "_max")
 
     def __init__(self, initial_rto: float, rto_min: float, rto_max: float) -> None:
         self.srtt: float | None = None
         self.rttvar = 0.0
         self.latest = 0.0
-        self.min_rtt = float("inf")  # shortest sample seen: the link's own delay
         self.backoff = 0  # consecutive expiries without progress
         self._initial = initial_rto
         self._min = rto_min
@@ -32,8 +31,6 @@ class RttEstimator:
         """Feed one measured round trip (seconds)."""
         rtt = max(rtt, 0.0)
         self.latest = rtt
-        if rtt < self.min_rtt:
-            self.min_rtt = rtt
         if self.srtt is None:
             self.srtt = rtt
             self.rttvar = rtt / 2

@@ -167,20 +167,18 @@ class Sender:
         self.rtt.backoff = 0
         self._rto_armed_at = now if inflight else None
         # The newest transmission known to have arrived anchors both the RTT sample and
-        # loss detection.  A retransmitted frame acked sooner than the link's minimum RTT
-        # after its retransmission was acked by its *original* copy (RACK's rule): taking
-        # the retransmission as the anchor would declare everything sent before it lost.
-        min_rtt = self.rtt.min_rtt
+        # loss detection.  Only frames sent once qualify (Karn's rule, applied to loss
+        # detection too): an ack for a retransmitted frame may have been sent for its
+        # original copy before the retransmission even arrived, and taking it as the
+        # anchor would declare everything sent in between lost (seen after a receiver
+        # stall longer than the RTO: a burst of spurious retransmissions).
         newest = None
         for record in acked:
-            if record[_RETX] and now - record[_SENT_AT] < min_rtt:
-                continue
-            if newest is None or record[_TX] > newest[_TX]:
+            if record[_RETX] == 0 and (newest is None or record[_TX] > newest[_TX]):
                 newest = record
         if newest is None:
             return True
-        if newest[_RETX] == 0:
-            self.rtt.sample(now - newest[_SENT_AT])
+        self.rtt.sample(now - newest[_SENT_AT])
         if newest[_TX] > self._largest_acked_tx:
             self._largest_acked_tx = newest[_TX]
         self._detect_losses(now)
