@@ -97,7 +97,7 @@ def _patch_session(frame: bytearray, session: int) -> bytearray:
 
 
 def _with_fake_tag(volume: int, session: int, seq: int, rnd) -> bytearray:
-    frame = encode_frame(FrameType.DATA, BEGIN | END, volume, session, seq, 1, 64, b"evil")
+    frame = bytearray(encode_frame(FrameType.DATA, BEGIN | END, volume, session, seq, 1, 64, b"evil"))
     struct.pack_into(">H", frame, 2, BEGIN | END | AUTHENTICATED)
     frame += rnd.randbytes(24)
     return with_checksum(frame)
