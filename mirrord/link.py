@@ -152,7 +152,7 @@ class Link:
                 for frame, dest in frames:
                     for out, out_dest in faults.apply(frame, dest):
                         send(out, out_dest)
-        if faults is not None and not more and faults.held():
+        if faults is not None and not more and faults.held:
             # Idle: release frames held back for reordering, or they would wait for
             # traffic that may never come (the last frames of a transfer, a lone ack).
             for out, out_dest in faults.flush():

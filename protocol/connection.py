@@ -285,10 +285,16 @@ class Connection:
                 # answer each other's HELLOs for ever).
                 session.hello_reply = True
             return
+        if session is not None and hello.session == session.id:
+            # A new nonce from a peer that still holds our session: it is answering a
+            # handshake of ours (or a stray), it has not restarted.  Keep the session.
+            return
         attempt = self._attempt
         if attempt is None:  # a new nonce while a session runs: the peer restarted
+            # Reply-only (no periodic HELLOs): the restarted peer is connecting and
+            # sends its own every interval; we answer each.
             attempt = self._attempt = _Attempt(config.random_bytes(NONCE_SIZE), source)
-            self._hello_at = now + config.hello_interval
+            self._hello_at = None
         if not versions_compatible(hello):
             self._refuse(hello.node, hello.nonce,
                          f"peer {hello.node!r} speaks protocol versions {hello.min_version}.."
@@ -299,11 +305,12 @@ class Connection:
                          f"node {hello.node!r} is not the configured peer {config.peer_node!r}")
             return
         if hello.auth != (self._key is not None):
-            mine = "has" if self._key is not None else "has no"
-            theirs = "has" if hello.auth else "has no"
+            if hello.auth:
+                problem = "has a shared secret configured and this node has none"
+            else:
+                problem = "has no shared secret configured but this node has one"
             self._refuse(hello.node, hello.nonce,
-                         f"peer {hello.node!r} {theirs} shared secret configured, this node "
-                         f"{mine}: configure the same secret on both")
+                         f"peer {hello.node!r} {problem}: configure the same secret on both")
             return
         if hello.nonce != attempt.peer_nonce:
             attempt.peer_nonce = hello.nonce
@@ -381,10 +388,11 @@ class Connection:
         self.counters.sessions_lost += 1
         self._events.append((ConnectionLost(session.id, reason), None))
 
-    def _hello(self, nonce: bytes, echo: bytes | None) -> bytearray:
+    def _hello(self, nonce: bytes, echo: bytes | None) -> bytes:
         key = self._key
         payload = encode_hello(
             node=self.config.node, mtu=self.config.mtu, nonce=nonce, echo=echo,
+            session=self._session.id if self._session is not None else 0,
             auth=key is not None, info=self.config.handshake_info,
             prove=(lambda body: auth.make_proof(key, body)) if key is not None else None,
         )
@@ -407,7 +415,8 @@ class Connection:
         ):
             out.append((self._hello(attempt.nonce, attempt.peer_nonce), attempt.peer_address))
             attempt.reply = False
-            self._hello_at = now + self.config.hello_interval
+            if self._session is None:  # beside a session, an attempt only replies
+                self._hello_at = now + self.config.hello_interval
         session = self._session
         if session is not None:
             self._session_frames(session, out, now, max_frames)

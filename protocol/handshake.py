@@ -9,6 +9,9 @@ The handshake is symmetric (either side may start, both may start at once):
 3. A side is connected when it receives a HELLO whose echo is its own current nonce (and,
    with a secret, whose proof checks): it then knows the peer holds both nonces, and
    answers once more so the peer can complete too.
+Every HELLO also names the sender's current session id (0 if none): a connected node
+shown a new nonce by a peer that still holds their session knows the peer has not
+restarted, and leaves the session alone.
 The session id and, with a secret, the per-direction MAC keys derive from both nonces,
 so every connection attempt gets a new session and old frames can never be taken for
 new ones.
@@ -46,14 +49,15 @@ class Hello:
     mtu: int
     nonce: bytes
     echo: bytes | None
+    session: int  # the sender's current session id, 0 if it has none
     auth: bool
     info: Any
     body: bytes  # the exact bytes the proof covers
     proof: bytes | None
 
 
-def encode_hello(*, node: str, mtu: int, nonce: bytes, echo: bytes | None, auth: bool,
-                 info: Any, prove=None) -> bytes:
+def encode_hello(*, node: str, mtu: int, nonce: bytes, echo: bytes | None, session: int,
+                 auth: bool, info: Any, prove=None) -> bytes:
     """The HELLO payload.  `prove(body) -> bytes` adds a proof (only with an echo)."""
     body = msgpack.packb(
         {
@@ -62,6 +66,7 @@ def encode_hello(*, node: str, mtu: int, nonce: bytes, echo: bytes | None, auth:
             "mtu": mtu,
             "nonce": nonce,
             "echo": echo,
+            "session": session,
             "auth": auth,
             "info": info,
         },
@@ -108,6 +113,7 @@ def decode_hello(payload) -> Hello:
         mtu=_field(body, "mtu", int, lambda v: MIN_MTU <= v <= MAX_MTU),
         nonce=_field(body, "nonce", bytes, lambda v: len(v) == NONCE_SIZE),
         echo=echo,
+        session=_field(body, "session", int, lambda v: 0 <= v <= 0xFFFFFFFF),
         auth=_field(body, "auth", bool),
         info=body.get("info"),
         body=body_bytes,
