@@ -363,6 +363,7 @@ class Connection:
             capacity=max(config.receive_buffer // session.max_payload, 1),
             max_message_frames=math.ceil(config.max_message / session.max_payload),
             counters=self.counters,
+            max_payload=session.max_payload,
         )
         session.receiver.ack_now = True  # announce our window at once
         session.last_received = now

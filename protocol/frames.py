@@ -51,8 +51,9 @@ TRAILER_SIZE = TRAILER_COUNTER.size + TAG_SIZE  # 24
 
 # The payload length field is 16 bits; jumbo frames (9000) fit with room to spare.
 MAX_PAYLOAD = 0xFFFF
-# Smallest frame size (Ethernet payload) we run on: plain Ethernet.
-MIN_MTU = 576
+# Smallest frame size (Ethernet payload) we run on: IPv6's minimum link MTU, which any
+# Ethernet carries; below it a HELLO with its upper-layer payload would not fit.
+MIN_MTU = 1280
 # Largest we expect: jumbo frames, and a bit beyond for 9216-byte switches.
 MAX_MTU = 65535
 

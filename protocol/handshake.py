@@ -56,7 +56,7 @@ class Hello:
     proof: bytes | None
 
 
-def encode_hello(*, node: str, mtu: int, nonce: bytes, echo: bytes | None, session: int,
+def encode_hello(*, node: str, mtu: int, nonce: bytes, echo: bytes | None, session: int = 0,
                  auth: bool, info: Any, prove=None) -> bytes:
     """The HELLO payload.  `prove(body) -> bytes` adds a proof (only with an echo)."""
     body = msgpack.packb(

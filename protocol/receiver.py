@@ -22,8 +22,9 @@ from .errors import FrameError
 from .frames import BEGIN, END
 from .ranges import RangeSet
 
-# Selective-ack ranges per ACK frame: 64 × 16 bytes fits a 1500-byte MTU; older holes
-# beyond these are found by the sender's own loss detection.
+# Selective-ack ranges per ACK frame: 64 × 16 bytes fits a 1500-byte MTU (fewer are sent
+# when the session's frames are smaller); older holes beyond these are found by the
+# sender's own loss detection.
 MAX_SACK_RANGES = 64
 # While a gap is open, ack every this many out-of-order frames: often enough for the
 # sender to detect losses quickly, rarely enough not to double the frame rate.
@@ -59,12 +60,15 @@ class Receiver:
 
     __slots__ = (
         "rcv_next", "capacity", "held", "_right_edge", "_out_of_order", "_ranges", "_parts",
-        "_max_message_frames", "ack_pending", "ack_due", "ack_now", "_ooo_since_ack",
+        "_max_message_frames", "_max_ranges", "ack_pending", "ack_due", "ack_now", "_ooo_since_ack",
         "counters",
     )
 
-    def __init__(self, capacity: int, max_message_frames: int, counters) -> None:
+    def __init__(self, capacity: int, max_message_frames: int, counters,
+                 max_payload: int = 1 << 16) -> None:
         self.rcv_next = 1
+        # as many ranges as one ACK frame's payload holds
+        self._max_ranges = max(1, min(MAX_SACK_RANGES, (max_payload - SACK_COUNT.size) // SACK_RANGE.size))
         self.capacity = capacity  # frames we can buffer
         self.held = 0  # frames of messages the upper layer has not taken yet
         self._right_edge = 1 + capacity
@@ -86,7 +90,7 @@ class Receiver:
         return self._right_edge - self.rcv_next
 
     def sack_ranges(self) -> list[tuple[int, int]]:
-        return self._ranges.highest(MAX_SACK_RANGES)
+        return self._ranges.highest(self._max_ranges)
 
     def has_gap(self) -> bool:
         return bool(self._out_of_order)
