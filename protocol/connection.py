@@ -49,6 +49,9 @@ from .rtt import RttEstimator
 from .sender import Sender
 from .state import ConnState, Input, StateMachine
 
+# Frames with the same unknown version byte before it is reported (one may be noise).
+VERSION_REPORT_AFTER = 3
+
 _HELLO = int(FrameType.HELLO)
 _DATA = int(FrameType.DATA)
 _ACK = int(FrameType.ACK)
@@ -95,6 +98,7 @@ class Connection:
         self._carrier = True  # assume carrier until the link layer says otherwise
         self._outbox: list = []  # one-off frames (CLOSE) for the next frames_to_send
         self._acked_reported = 0
+        self._foreign_versions: dict[int, int] = {}  # version byte -> frames seen
         info = msgpack_size(config.handshake_info)
         if info > MAX_UPPER_HANDSHAKE:
             raise LocalProtocolError(
@@ -154,7 +158,13 @@ class Connection:
             self._hello_at = now  # say hello at once: the peer may be back
 
     def send_message(self, data, *, now: float) -> int:
-        """Queue one message for the peer; returns its number (see MessagesAcknowledged)."""
+        """Queue one message for the peer; returns its number (see MessagesAcknowledged).
+
+        `data` is not copied: frames are cut from it as views, and it may be read again
+        for a retransmission.  Do not modify it until MessagesAcknowledged covers it.
+        A message larger than max_message is refused (LocalProtocolError) and nothing
+        else changes.
+        """
         self._sm.transition(Input.SEND)
         if len(data) > self.config.max_message:
             raise LocalProtocolError(
@@ -183,8 +193,14 @@ class Connection:
         except FrameError as err:
             setattr(counters, err.reason, getattr(counters, err.reason) + 1)
             if err.reason == "bad_version" and self._attempt is not None:
-                self._refuse(None, b"", f"a peer sent protocol version {data[0]}; this node "
-                             f"speaks {MIN_VERSION}..{MAX_VERSION}")
+                # The version byte is read before the checksum can be (its layout is the
+                # other version's), so one such frame may be noise: report a version only
+                # once it has been seen VERSION_REPORT_AFTER times.
+                seen = self._foreign_versions.get(data[0], 0) + 1
+                self._foreign_versions[data[0]] = seen
+                if seen >= VERSION_REPORT_AFTER:
+                    self._refuse(None, b"", f"a peer sent protocol version {data[0]}; this "
+                                 f"node speaks {MIN_VERSION}..{MAX_VERSION}")
             return
         if frame.volume != self.config.volume:
             counters.wrong_volume += 1
@@ -223,7 +239,11 @@ class Connection:
         counters = self.counters
         counters.frames_received += 1
         session.last_received = now
-        session.peer_confirmed = True
+        if not session.peer_confirmed:
+            # The peer is connected too: (re)announce our window, in case the ACK we sent
+            # on connecting arrived before the peer had completed its handshake.
+            session.peer_confirmed = True
+            session.receiver.ack_now = True
         ftype = frame.type
         sender = session.sender
         if ftype == _DATA:
@@ -279,7 +299,11 @@ class Connection:
             return
         counters.frames_received += 1
         if session is not None and hello.nonce == session.peer_nonce:
-            if hello.echo == session.nonce and not session.peer_confirmed:
+            if hello.session == session.id:
+                if not session.peer_confirmed:
+                    session.peer_confirmed = True
+                    session.receiver.ack_now = True
+            elif hello.echo == session.nonce and not session.peer_confirmed:
                 # The peer may have missed our last HELLO: repeat it, until a session
                 # frame shows the peer is connected too (else two connected peers would
                 # answer each other's HELLOs for ever).
@@ -408,6 +432,8 @@ class Connection:
 
     def frames_to_send(self, *, now: float, max_frames: int | None = None) -> list:
         """Frames to put on the wire now, as (frame, destination address or None)."""
+        if self._sm.state is ConnState.ERROR:
+            return []  # terminal: a broken connection must not look alive to the peer
         out = self._outbox
         self._outbox = []
         attempt = self._attempt
@@ -455,15 +481,19 @@ class Connection:
             receiver.acked()
             self.counters.acks_sent += 1
         if now >= session.ping_at:
-            if now - session.last_received >= self.config.keepalive_interval:
+            if session.last_received + self.config.keepalive_interval <= now:
                 append((self._build(session, _PING, 0, 0), dest))
                 self.counters.pings_sent += 1
-            session.ping_at = max(session.last_received, now) + self.config.keepalive_interval
+                session.ping_at = now + self.config.keepalive_interval
+            else:
+                session.ping_at = session.last_received + self.config.keepalive_interval
 
     # --- timers -----------------------------------------------------------------------
 
     def get_timer(self) -> float | None:
         """The next time handle_timer + frames_to_send must run, or None."""
+        if self._sm.state is ConnState.ERROR:
+            return None
         times = []
         if self._attempt is not None and self._carrier and self._hello_at is not None:
             times.append(self._hello_at)

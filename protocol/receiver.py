@@ -157,4 +157,4 @@ class Receiver:
         is worth sending (the window had shrunk to under a quarter and now grows)."""
         before = self.capacity - self.held
         self.held -= frames
-        return before < self.capacity // 4 <= self.capacity - self.held
+        return before < max(self.capacity // 4, 1) <= self.capacity - self.held

@@ -53,5 +53,5 @@ class RttEstimator:
         9/8 of the larger of smoothed and latest RTT, as QUIC does: enough slack for
         reordering on the wire, short enough to recover well before the RTO.
         """
-        base = max(self.srtt or self._initial, self.latest)
+        base = max(self._initial if self.srtt is None else self.srtt, self.latest)
         return max(base * 9 / 8, GRANULARITY)

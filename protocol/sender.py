@@ -49,7 +49,7 @@ class Sender:
         self.rtt = rtt
         self.next_seq = 1  # seq of the next new frame
         self.snd_una = 1  # lowest seq not yet cumulatively acked
-        self._right_edge = 1 + 64  # peer's ack + window; a modest start until it says more
+        self._right_edge = 1  # peer's ack + window: nothing until the peer announces it
         self._send_window = send_window  # our own cap on frames in flight
         self._queue: deque = deque()  # (payload, flags) waiting for a seq
         self._inflight: OrderedDict = OrderedDict()  # seq -> record, in transmission order
@@ -217,7 +217,8 @@ class Sender:
         record = inflight[next(iter(inflight))]
         if record[_TX] < self._largest_acked_tx:
             return record[_SENT_AT] + self.rtt.loss_delay()
-        return (self._rto_armed_at or record[_SENT_AT]) + self.rtt.rto()
+        armed = self._rto_armed_at if self._rto_armed_at is not None else record[_SENT_AT]
+        return armed + self.rtt.rto()
 
     def handle_timer(self, now: float) -> None:
         inflight = self._inflight
@@ -227,7 +228,8 @@ class Sender:
         if record[_TX] < self._largest_acked_tx:
             self._detect_losses(now)
             return
-        if now < (self._rto_armed_at or record[_SENT_AT]) + self.rtt.rto():
+        armed = self._rto_armed_at if self._rto_armed_at is not None else record[_SENT_AT]
+        if now < armed + self.rtt.rto():
             return
         self.counters.rto_expirations += 1
         self.rtt.backoff += 1
