@@ -158,3 +158,40 @@ def _inject(group, ns: str, ifname: str, dst_mac: bytes, frames: list[bytes]) ->
                 sock.send(dst_mac + src + struct.pack(">H", 0x88B5) + frame)
         finally:
             sock.close()
+
+
+def test_the_usable_mtu_is_the_smaller_of_the_two_ends():
+    with NetnsPair(mtu=9000) as pair:
+        pair.run(pair.ns_b, ["ip", "link", "set", "dev", pair.if_b, "mtu", "1500"])
+        receiver = LinkProcess(pair, pair.ns_b, link_argv(pair.if_b, "beta", "receive",
+                                                          "--bytes", "32M", "--timeout", "60"))
+        sender = LinkProcess(pair, pair.ns_a, link_argv(pair.if_a, "alpha", "send",
+                                                        "--bytes", "32M", "--timeout", "60"))
+        rc_s, sent = sender.finish(timeout=90)
+        rc_r, got = receiver.finish(timeout=30)
+        assert rc_s == 0 and rc_r == 0, sender.stderr + receiver.stderr
+        assert got["digest"] == sent["digest"]
+        # Had alpha used its own 9000, beta's end would have dropped every DATA frame and
+        # the transfer above would have failed.
+        assert "mtu 1500" in sender.stderr and "mtu 1500" in receiver.stderr
+
+
+def test_a_pinned_peer_mac_is_the_only_peer_accepted():
+    with NetnsPair(mtu=1500) as pair:
+        wrong = "02:00:00:00:00:01"
+        a = LinkProcess(pair, pair.ns_a, link_argv(pair.if_a, "alpha", "--peer-mac", wrong,
+                                                   "monitor", "--seconds", "1.5",
+                                                   "--stats-interval", "0.5"))
+        b = LinkProcess(pair, pair.ns_b, link_argv(pair.if_b, "beta", "monitor", "--seconds", "1.5",
+                                                   "--stats-interval", "0.5"))
+        a.finish(10)
+        b.finish(10)
+        assert not any(l.get("event") == "connected" for l in a.all_lines + b.all_lines)
+        assert a.all_lines[-1]["counters"]["foreign_source"] > 0  # beta's HELLOs, ignored
+
+        right = pair.mac_b.hex(":")
+        a = LinkProcess(pair, pair.ns_a, link_argv(pair.if_a, "alpha", "--peer-mac", right,
+                                                   "monitor", "--seconds", "5"))
+        b = LinkProcess(pair, pair.ns_b, link_argv(pair.if_b, "beta", "monitor", "--seconds", "5"))
+        assert a.wait_event("connected", 5)["peer_mac"] == right
+        assert b.wait_event("connected", 5)["peer"] == "alpha"
