@@ -7,9 +7,10 @@ if [ "$(id -u)" != 0 ]; then
     echo "tests/run.sh: run as root (the integration tests create network namespaces)" >&2
     exit 2
 fi
-# iproute2 for `ip netns`/veth; procps for ps in diagnostics.
+# iproute2 for `ip netns`/veth; procps for ps (the demo test looks for leftover processes).
 need=()
 command -v ip >/dev/null || need+=(iproute2)
+command -v ps >/dev/null || need+=(procps)
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${need[@]}"
