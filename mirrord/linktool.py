@@ -188,13 +188,31 @@ class Stop:
         self.requested = True
 
 
-def wait_connected(link: Link, conn: Connection, deadline: float, stop: Stop) -> bool:
+def start_and_connect(args, link: Link, stop: Stop) -> bool:
+    """Start the handshake and wait for the peer (--connect-timeout); log if none came."""
+    link.start()
+    deadline = time.monotonic() + args.connect_timeout
     while time.monotonic() < deadline and not stop.requested:
         for _, event in link.step(0.05):
             log_event(event)
             if isinstance(event, Connected):
                 return True
+    log.error("no peer answered on %s within %.0f s", link.ifname, args.connect_timeout)
     return False
+
+
+def finish_transfer(link: Link, conn: Connection, role: str, nbytes: int, seconds: float,
+                    digest, failure: str | None, **extra) -> int:
+    """Print the JSON report of a send or receive; the exit code."""
+    seconds = max(seconds, 1e-9)
+    result = report(link, conn, role=role, bytes=nbytes, seconds=round(seconds, 6),
+                    goodput_mb_s=round(nbytes / seconds / 1e6, 1), digest=digest.hexdigest(),
+                    ok=failure is None, error=failure, **extra)
+    print(json.dumps(result), flush=True)
+    if failure:
+        log.error("transfer failed: %s", failure)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def run_send(args, link: Link, conn: Connection, stop: Stop) -> int:
@@ -203,9 +221,7 @@ def run_send(args, link: Link, conn: Connection, stop: Stop) -> int:
     limit = outstanding_limit(size)
     payloads = Payloads(args.seed, size, limit + 1)
     count = -(-total // size)
-    link.start()
-    if not wait_connected(link, conn, time.monotonic() + args.connect_timeout, stop):
-        log.error("no peer answered on %s within %.0f s", link.ifname, args.connect_timeout)
+    if not start_and_connect(args, link, stop):
         return EXIT_FAILED
     digest = xxhash.xxh3_128()
     sent = acked = 0
@@ -237,21 +253,13 @@ def run_send(args, link: Link, conn: Connection, stop: Stop) -> int:
     if conn.session_id is not None:
         conn.close("transfer finished", now=time.monotonic())
         link.flush()
-    result = report(link, conn, role="send", bytes=min(acked * size, total), messages=acked,
-                    seconds=round(seconds, 6), goodput_mb_s=round(min(acked * size, total) / seconds / 1e6, 1),
-                    digest=digest.hexdigest(), ok=failure is None, error=failure)
-    print(json.dumps(result), flush=True)
-    if failure:
-        log.error("transfer failed: %s", failure)
-        return EXIT_FAILED
-    return EXIT_OK
+    return finish_transfer(link, conn, "send", min(acked * size, total), seconds, digest,
+                           failure, messages=acked)
 
 
 def run_receive(args, link: Link, conn: Connection, stop: Stop) -> int:
     total = args.bytes
-    link.start()
-    if not wait_connected(link, conn, time.monotonic() + args.connect_timeout, stop):
-        log.error("no peer answered on %s within %.0f s", link.ifname, args.connect_timeout)
+    if not start_and_connect(args, link, stop):
         return EXIT_FAILED
     digest = xxhash.xxh3_128()
     received = messages = order_errors = 0
@@ -286,18 +294,11 @@ def run_receive(args, link: Link, conn: Connection, stop: Stop) -> int:
     while failure is None and conn.session_id is not None and time.monotonic() < linger_until:
         for _, event in link.step(0.05):
             log_event(event)
-    seconds = max(end - start, 1e-9)
+    seconds = end - start
     if order_errors:
         failure = f"{order_errors} messages out of order"
-    result = report(link, conn, role="receive", bytes=received, messages=messages,
-                    seconds=round(seconds, 6), goodput_mb_s=round(received / seconds / 1e6, 1),
-                    digest=digest.hexdigest(), order_errors=order_errors, ok=failure is None,
-                    error=failure)
-    print(json.dumps(result), flush=True)
-    if failure:
-        log.error("transfer failed: %s", failure)
-        return EXIT_FAILED
-    return EXIT_OK
+    return finish_transfer(link, conn, "receive", received, seconds, digest, failure,
+                           messages=messages, order_errors=order_errors)
 
 
 def run_monitor(args, link: Link, conn: Connection, stop: Stop) -> int:
