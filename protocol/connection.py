@@ -248,8 +248,7 @@ class Connection:
         sender = session.sender
         if ftype == _DATA:
             sender.on_ack(frame.ack, frame.window, (), now)
-            session.receiver.on_data(frame.seq, frame.flags, frame.payload, now,
-                                     self.config.ack_every, self.config.ack_delay, self._deliver)
+            session.receiver.on_data(frame.seq, frame.flags, frame.payload, now)
         elif ftype == _ACK:
             sender.on_ack(frame.ack, frame.window, decode_sack(frame.payload), now)
         elif ftype == _PING:
@@ -387,6 +386,9 @@ class Connection:
             capacity=max(config.receive_buffer // session.max_payload, 1),
             max_message_frames=math.ceil(config.max_message / session.max_payload),
             counters=self.counters,
+            deliver=self._deliver,
+            ack_every=config.ack_every,
+            ack_delay=config.ack_delay,
             max_payload=session.max_payload,
         )
         session.receiver.ack_now = True  # announce our window at once

@@ -61,11 +61,14 @@ class Receiver:
     __slots__ = (
         "rcv_next", "capacity", "held", "_right_edge", "_out_of_order", "_ranges", "_parts",
         "_max_message_frames", "_max_ranges", "ack_pending", "ack_due", "ack_now", "_ooo_since_ack",
-        "counters",
+        "counters", "_ack_every", "_ack_delay", "_deliver",
     )
 
-    def __init__(self, capacity: int, max_message_frames: int, counters,
-                 max_payload: int = 1 << 16) -> None:
+    def __init__(self, capacity: int, max_message_frames: int, counters, deliver,
+                 ack_every: int, ack_delay: float, max_payload: int = 1 << 16) -> None:
+        self._deliver = deliver  # deliver(parts, frames) for each completed message
+        self._ack_every = ack_every
+        self._ack_delay = ack_delay
         self.rcv_next = 1
         # as many ranges as one ACK frame's payload holds
         self._max_ranges = max(1, min(MAX_SACK_RANGES, (max_payload - SACK_COUNT.size) // SACK_RANGE.size))
@@ -95,10 +98,25 @@ class Receiver:
     def has_gap(self) -> bool:
         return bool(self._out_of_order)
 
-    def on_data(self, seq: int, flags: int, payload, now: float, ack_every: int,
-                ack_delay: float, deliver) -> None:
-        """Accept one DATA frame; call `deliver(parts, frames)` for each completed message."""
+    def on_data(self, seq: int, flags: int, payload, now: float) -> None:
+        """Accept one DATA frame; completed messages go to the deliver callback."""
         rcv_next = self.rcv_next
+        parts = self._parts
+        if (seq == rcv_next and seq < self._right_edge and not self._out_of_order and parts
+                and not flags & (BEGIN | END)):
+            # Fast path, most frames of a large message: the next one in order, in the
+            # middle of a message, nothing waiting behind it.
+            if len(parts) >= self._max_message_frames:
+                raise FrameError("malformed", "message larger than the agreed maximum")
+            parts.append(payload)
+            self.held += 1
+            self.rcv_next = rcv_next + 1
+            self.ack_pending += 1
+            if self.ack_pending >= self._ack_every:
+                self.ack_now = True
+            elif self.ack_due is None:
+                self.ack_due = now + self._ack_delay
+            return
         if seq < rcv_next or seq in self._out_of_order:
             self.counters.duplicates += 1
             self.ack_now = True  # our ack may have been lost: say it again
@@ -114,36 +132,36 @@ class Receiver:
             if self._ooo_since_ack == 1 or self._ooo_since_ack >= OOO_ACK_EVERY:
                 self.ack_now = True
             return
-        self._take(flags, payload, deliver)
+        self._take(flags, payload)
         rcv_next += 1
         ooo = self._out_of_order
         if ooo:
             while rcv_next in ooo:
                 flags, payload = ooo.pop(rcv_next)
-                self._take(flags, payload, deliver)
+                self._take(flags, payload)
                 rcv_next += 1
             self._ranges.discard_below(rcv_next)
             self.ack_now = True  # a hole was filled: tell the sender at once
         self.rcv_next = rcv_next
         self.ack_pending += 1
-        if self.ack_pending >= ack_every:
+        if self.ack_pending >= self._ack_every:
             self.ack_now = True
         elif self.ack_due is None:
-            self.ack_due = now + ack_delay
+            self.ack_due = now + self._ack_delay
 
-    def _take(self, flags: int, payload, deliver) -> None:
+    def _take(self, flags: int, payload) -> None:
         parts = self._parts
         if bool(flags & BEGIN) == bool(parts):
             # BEGIN must open a message and only open one.  The checksum (and MAC) passed,
             # so this is a broken peer, not noise: refuse to guess where messages start.
             raise FrameError("malformed", "DATA fragment flags out of order (BEGIN)")
+        if len(parts) >= self._max_message_frames:
+            raise FrameError("malformed", "message larger than the agreed maximum")
         parts.append(payload)
         self.held += 1
         if flags & END:
             self._parts = []
-            deliver(tuple(parts), len(parts))
-        elif len(parts) > self._max_message_frames:
-            raise FrameError("malformed", "message larger than the agreed maximum")
+            self._deliver(tuple(parts), len(parts))
 
     def acked(self) -> None:
         """An ACK (or a DATA frame carrying the same information) just went out."""

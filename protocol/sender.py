@@ -141,6 +141,8 @@ class Sender:
         edge = ack + window
         if edge > self._right_edge:
             self._right_edge = edge
+        if ack <= self.snd_una and not sack_ranges:
+            return False  # the common case on a one-way stream: nothing new
         inflight = self._inflight
         acked = []  # records newly acknowledged, cumulatively or selectively
         if ack > self.snd_una:
