@@ -12,6 +12,10 @@ same run (absolute numbers on this kind of VM are noisy).
 
 Reported per MTU:
   sender_frames_per_s / sender_mb_s   -- what the sender handed to the kernel
+  send_us_per_frame                   -- the sender's wall time per frame
+  send_cpu_us_per_frame               -- its CPU time (user + system) per
+                                         frame: less sensitive than wall time
+                                         to other load on a shared machine
   delivered_mb_s                      -- payload bytes the receiver got, over
                                          its first-to-last-frame time
   loss                                -- frames sent but not received (the
@@ -21,9 +25,20 @@ Reported per MTU:
 (send, recv_batch per frame, and the sendmsg alternative), one process, both
 sockets opened in their namespaces: the figures quoted in that module.
 
+``measure_send_paths`` (``--ring``) compares, on one pair of namespaces and
+interleaved over several rounds, the ways the sender can hand frames to the
+kernel, all against the same raw receiver:
+  send     -- the raw baseline above: ``sock.send(frame)``, a prebuilt frame
+  sendmsg  -- ``sock.sendmsg((header, payload))`` per frame, the call
+              PacketSocket.send makes for jumbo payloads
+  psend    -- ``PacketSocket.send(payload, dst)`` per frame (its Python included)
+  ring     -- ``PacketSocket.send_batch`` of RING_BATCH frames through the
+              PACKET_TX_RING (copy into slots + one kick per batch)
+
     python3 bench/raw_link.py                  # MTU 1500 and 9000, 2 s each
     python3 bench/raw_link.py --frames 200000 --mtu 9000
     python3 bench/raw_link.py --costs          # PacketSocket per-frame costs
+    python3 bench/raw_link.py --ring --repeats 7 --pin   # send paths, pinned CPUs
 
 MB is 10**6 bytes.
 """
@@ -34,9 +49,11 @@ import argparse
 import importlib.util
 import json
 import os
+import resource
 import select
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -65,8 +82,14 @@ MAX_FRAMES = 50_000_000
 # Receive buffer for the baseline receiver, as PacketSocket uses (see there).
 RCVBUF = 64 << 20
 SO_RCVBUFFORCE = 33
+SOL_PACKET = 263
+PACKET_STATISTICS = 6
 # How long to wait for a role process to report.
 PROCESS_TIMEOUT_S = MAX_SECONDS + 30.0
+# Sender variants (see the module docstring) and the batch send_batch gets:
+# the link loop's SEND_BATCH.
+SEND_MODES = ("send", "sendmsg", "psend", "ring")
+RING_BATCH = 64
 
 
 def load_netns():
@@ -120,47 +143,108 @@ def _role_recv(ifname: str, limit_s: float) -> dict:
             n = recv_into(buf)
         except socket.timeout:
             break
+    # struct tpacket_stats: frames queued to the socket / dropped at it (full
+    # receive buffer) since the last read; reading resets them.
+    _, drops = struct.unpack("II", sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
     return {"frames": frames, "payload_bytes": payload_bytes,
             "seconds": max(last - first, 1e-9), "ended_by_marker": ended,
-            "timeout": timed_out}
+            "timeout": timed_out, "socket_drops": drops}
 
 
-def _role_send(ifname: str, dst: bytes, mtu: int, frames: int | None, seconds: float | None) -> dict:
+def _role_send(ifname: str, dst: bytes, mtu: int, frames: int | None, seconds: float | None,
+               mode: str = "send") -> dict:
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     sock.bind((ifname, ETHERTYPE))
     src = sock.getsockname()[4]
     header = dst + src + ETHERTYPE.to_bytes(2, "big")
-    frame = header + bytes([KIND_DATA]) + os.urandom(mtu - 1)
-    send = sock.send
-    sent = errors = 0
+    payload = bytes([KIND_DATA]) + os.urandom(mtu - 1)
+    frame = header + payload
+    psock = None
+    if mode == "send":
+        send = sock.send
+
+        def step(count: int) -> int:  # frames the kernel took, out of count
+            ok = 0
+            for _ in range(count):
+                try:
+                    send(frame)
+                    ok += 1
+                except OSError:  # ENOBUFS and friends: count, keep going
+                    pass
+            return ok
+    elif mode == "sendmsg":
+        sendmsg = sock.sendmsg
+        parts = (header, payload)
+
+        def step(count: int) -> int:
+            ok = 0
+            for _ in range(count):
+                try:
+                    sendmsg(parts)
+                    ok += 1
+                except OSError:
+                    pass
+            return ok
+    elif mode in ("psend", "ring"):
+        if REPO not in sys.path:
+            sys.path.insert(0, REPO)
+        from mirrord.packet_socket import PacketSocket
+
+        psock = PacketSocket(ifname, tx_ring=(mode == "ring"))
+        if mode == "ring" and not psock.tx_ring:
+            raise RuntimeError("PACKET_TX_RING unavailable")
+        if mode == "psend":
+            psend = psock.send
+
+            def step(count: int) -> int:
+                ok = 0
+                for _ in range(count):
+                    if psend(payload, dst):
+                        ok += 1
+                return ok
+        else:
+            send_batch = psock.send_batch
+            batch = [(payload, dst)] * RING_BATCH
+
+            def step(count: int) -> int:
+                ok = 0
+                for _ in range(count // RING_BATCH):
+                    ok += send_batch(batch)
+                if count % RING_BATCH:
+                    ok += send_batch(batch[:count % RING_BATCH])
+                return ok
+    else:
+        raise ValueError(f"unknown send mode {mode!r}")
+    sent = attempted = 0
+    cpu_start = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     if frames is not None:
-        for _ in range(frames):
-            try:
-                send(frame)
-                sent += 1
-            except OSError:  # ENOBUFS and friends: count, keep going
-                errors += 1
+        sent = step(frames)
+        attempted = frames
     else:
         stop = start + seconds
         while True:
-            for _ in range(CLOCK_EVERY):
-                try:
-                    send(frame)
-                    sent += 1
-                except OSError:
-                    errors += 1
+            sent += step(CLOCK_EVERY)  # a multiple of RING_BATCH
+            attempted += CLOCK_EVERY
             if time.perf_counter() >= stop:
                 break
     elapsed = time.perf_counter() - start
+    cpu_end = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu_end.ru_utime - cpu_start.ru_utime) + (cpu_end.ru_stime - cpu_start.ru_stime)
+    counters = dict(psock.counters) if psock is not None else None
+    if psock is not None:
+        psock.close()
     end = header + bytes([KIND_END]) + bytes(63)
     for _ in range(END_MARKERS):
         time.sleep(END_MARKER_GAP_S)
         try:
-            send(end)
+            sock.send(end)
         except OSError:
             pass
-    return {"frames": sent, "errors": errors, "seconds": elapsed}
+    result = {"frames": sent, "errors": attempted - sent, "seconds": elapsed, "cpu_seconds": cpu}
+    if counters is not None:
+        result["counters"] = counters
+    return result
 
 
 # ---- orchestration (root namespace) ----------------------------------------
@@ -178,26 +262,34 @@ def _json_line(proc: subprocess.Popen, timeout: float) -> dict:
     return json.loads(line)
 
 
-def measure_raw(mtu: int, seconds_or_frames: float | int = 2.0, *, pair=None) -> dict:
+def measure_raw(mtu: int, seconds_or_frames: float | int = 2.0, *, pair=None,
+                mode: str = "send", pin: bool = False) -> dict:
     """Raw AF_PACKET throughput between two namespaces at ``mtu``.
 
     ``seconds_or_frames``: an ``int`` is a frame count, a ``float`` a duration
     in seconds.  With ``pair`` (a tests/netns.py NetnsPair whose MTU is at
     least ``mtu``) the caller's namespaces are used, so another benchmark can
     measure its baseline on the very same link; otherwise a fresh pair is
-    made and removed.
+    made and removed.  ``mode`` picks the sender (SEND_MODES; "send" is the
+    raw baseline).  ``pin`` runs the sender on CPU 0 and the receiver on
+    CPU 1 (when there are two): the sender's figures then vary by a few
+    percent between rounds instead of +-25% on a shared 2-CPU VM, but the
+    receiver is slower (every frame is copied across CPUs), so loss is
+    higher; "delivered" is only comparable between runs pinned alike.
     """
+    if mode not in SEND_MODES:
+        raise ValueError(f"mode must be one of {SEND_MODES}")
     if isinstance(seconds_or_frames, bool) or not isinstance(seconds_or_frames, (int, float)):
         raise TypeError("seconds_or_frames must be an int (frames) or a float (seconds)")
     if isinstance(seconds_or_frames, int):
         if not 1 <= seconds_or_frames <= MAX_FRAMES:
             raise ValueError(f"frames must be 1..{MAX_FRAMES}")
-        mode = ["--frames", str(seconds_or_frames)]
+        amount = ["--frames", str(seconds_or_frames)]
         limit = MAX_SECONDS
     else:
         if not 0 < seconds_or_frames <= MAX_SECONDS:
             raise ValueError(f"seconds must be in (0, {MAX_SECONDS}]")
-        mode = ["--seconds", repr(seconds_or_frames)]
+        amount = ["--seconds", repr(seconds_or_frames)]
         limit = seconds_or_frames
     own_pair = pair is None
     if own_pair:
@@ -206,12 +298,15 @@ def measure_raw(mtu: int, seconds_or_frames: float | int = 2.0, *, pair=None) ->
         raise ValueError(f"pair MTU {pair.mtu} is below the requested {mtu}")
     try:
         me = [sys.executable, os.path.abspath(__file__)]
+        pins = ([["--cpu", "1"], ["--cpu", "0"]] if pin and (os.cpu_count() or 1) >= 2
+                else [[], []])
         receiver = pair.popen(pair.ns_b, me + ["--role", "recv", "--ifname", pair.if_b,
-                                                "--limit", repr(limit + RECV_MARGIN_S)],
+                                                "--limit", repr(limit + RECV_MARGIN_S)] + pins[0],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _json_line(receiver, 10.0)  # {"ready": true}
         sender = pair.popen(pair.ns_a, me + ["--role", "send", "--ifname", pair.if_a,
-                                              "--dst", pair.mac_b.hex(), "--mtu", str(mtu)] + mode,
+                                              "--dst", pair.mac_b.hex(), "--mtu", str(mtu),
+                                              "--mode", mode] + amount + pins[1],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         sent = _json_line(sender, PROCESS_TIMEOUT_S)
         got = _json_line(receiver, PROCESS_TIMEOUT_S)
@@ -222,16 +317,61 @@ def measure_raw(mtu: int, seconds_or_frames: float | int = 2.0, *, pair=None) ->
             pair.close()
     return {
         "mtu": mtu,
+        "mode": mode,
         "frames_sent": sent["frames"],
         "send_errors": sent["errors"],
         "sender_seconds": round(sent["seconds"], 4),
         "sender_frames_per_s": round(sent["frames"] / sent["seconds"]),
         "sender_mb_s": round(sent["frames"] * mtu / sent["seconds"] / 1e6, 1),
         "send_us_per_frame": round(sent["seconds"] / max(sent["frames"], 1) * 1e6, 3),
+        "send_cpu_us_per_frame": round(sent["cpu_seconds"] / max(sent["frames"], 1) * 1e6, 3),
         "frames_delivered": got["frames"],
         "delivered_mb_s": round(got["payload_bytes"] / got["seconds"] / 1e6, 1),
         "loss": round(1 - got["frames"] / sent["frames"], 5) if sent["frames"] else None,
+        "receiver_socket_drops": got.get("socket_drops"),
+        **({"counters": sent["counters"]} if "counters" in sent else {}),
     }
+
+
+def measure_send_paths(mtu: int, seconds: float = 2.0, repeats: int = 5, *, pair=None,
+                       modes=SEND_MODES, pin: bool = False) -> dict:
+    """Every send path (SEND_MODES) at ``mtu``, ``repeats`` interleaved rounds, one link.
+
+    The order of the modes rotates from round to round so that drift on a
+    shared machine does not favour one of them.  Medians per mode, and each
+    mode's median sender rate relative to the raw ``send`` baseline.
+    """
+    own_pair = pair is None
+    if own_pair:
+        pair = load_netns().NetnsPair(mtu=mtu)
+    try:
+        samples: dict[str, list[dict]] = {m: [] for m in modes}
+        for r in range(repeats):
+            order = modes[r % len(modes):] + modes[:r % len(modes)]
+            for mode in order:
+                samples[mode].append(measure_raw(mtu, float(seconds), pair=pair, mode=mode,
+                                                 pin=pin))
+    finally:
+        if own_pair:
+            pair.close()
+    summary = {}
+    for mode, runs in samples.items():
+        summary[mode] = {
+            "send_us_per_frame": statistics.median(x["send_us_per_frame"] for x in runs),
+            "send_cpu_us_per_frame": statistics.median(x["send_cpu_us_per_frame"] for x in runs),
+            "sender_mb_s": statistics.median(x["sender_mb_s"] for x in runs),
+            "delivered_mb_s": statistics.median(x["delivered_mb_s"] for x in runs),
+            "loss": statistics.median(x["loss"] for x in runs),
+            "samples_us_per_frame": [x["send_us_per_frame"] for x in runs],
+            "samples_cpu_us_per_frame": [x["send_cpu_us_per_frame"] for x in runs],
+            "samples_delivered_mb_s": [x["delivered_mb_s"] for x in runs],
+        }
+    if "send" in summary:
+        base = summary["send"]
+        for mode, row in summary.items():
+            row["sender_vs_send"] = round(row["sender_mb_s"] / base["sender_mb_s"], 3)
+            row["delivered_vs_send"] = round(row["delivered_mb_s"] / base["delivered_mb_s"], 3)
+    return {"mtu": mtu, "seconds": seconds, "repeats": repeats, "pinned": pin, "modes": summary}
 
 
 # glibc mallopt parameter and the value used for the "no heap trim" variant:
@@ -345,24 +485,47 @@ def main(argv=None) -> int:
     group.add_argument("--seconds", type=float)
     group.add_argument("--frames", type=int)
     p.add_argument("--costs", action="store_true", help="PacketSocket per-frame costs instead")
+    p.add_argument("--ring", action="store_true",
+                   help="compare send paths: send, sendmsg, PacketSocket.send, send_batch")
+    p.add_argument("--repeats", type=int, default=5, help="rounds for --ring (default 5)")
+    p.add_argument("--pin", action="store_true",
+                   help="--ring: sender on CPU 0, receiver on CPU 1 (steadier sender figures)")
     # Internal: the role processes started inside the namespaces.
     p.add_argument("--role", choices=["send", "recv"], help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=SEND_MODES, default="send", help=argparse.SUPPRESS)
+    p.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
     p.add_argument("--ifname", help=argparse.SUPPRESS)
     p.add_argument("--dst", help=argparse.SUPPRESS)
     p.add_argument("--limit", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
     if args.role == "recv":
         print(json.dumps(_role_recv(args.ifname, args.limit)), flush=True)
         return 0
     if args.role == "send":
         print(json.dumps(_role_send(args.ifname, bytes.fromhex(args.dst), args.mtu[0],
-                                    args.frames, args.seconds)), flush=True)
+                                    args.frames, args.seconds, args.mode)), flush=True)
         return 0
 
     mtus = args.mtu or [1500, 9000]
     if args.costs:
         results = [measure_socket_costs(mtu) for mtu in mtus]
+    elif args.ring:
+        if args.frames is not None:
+            p.error("--ring measures for --seconds, not --frames")
+        if not 1 <= args.repeats <= 50:
+            p.error("--repeats must be 1..50")
+        results = [measure_send_paths(mtu, args.seconds or 2.0, args.repeats, pin=args.pin)
+                   for mtu in mtus]
+        for r in results:
+            for mode, row in r["modes"].items():
+                print(f"MTU {r['mtu']:5} {mode:8} {row['send_us_per_frame']:6.2f} us/frame "
+                      f"(cpu {row['send_cpu_us_per_frame']:5.2f})  "
+                      f"sender {row['sender_mb_s']:7.1f} MB/s  "
+                      f"delivered {row['delivered_mb_s']:7.1f} MB/s  loss {row['loss']:.4f}  "
+                      f"sender/raw {row.get('sender_vs_send', 0):.3f}", file=sys.stderr)
     else:
         amount = args.frames if args.frames is not None else (args.seconds or 2.0)
         results = [measure_raw(mtu, amount) for mtu in mtus]

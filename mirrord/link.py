@@ -135,26 +135,31 @@ class Link:
             conn.receive_frame(payload, source, now=now)
 
     def flush(self, now: float | None = None) -> None:
-        """Send what every connection has to send now (one batch each)."""
+        """Send what every connection has to send now (one batch each).
+
+        Each connection's batch goes to the socket in one send_batch call (through
+        the fault injector first when one is configured): with the socket's TX ring
+        that is one system call per batch instead of one per frame.
+        """
         if now is None:
             now = self.clock()
         more = False
-        send = self.socket.send
+        send_batch = self.socket.send_batch
         faults = self.faults
         for conn in self._conns.values():
             frames = conn.frames_to_send(now=now, max_frames=SEND_BATCH)
             if len(frames) >= SEND_BATCH:
                 more = True
-            if faults is None:
+            if faults is not None:
+                apply = faults.apply
+                out: list = []
                 for frame, dest in frames:
-                    send(frame, dest)
-            else:
-                for frame, dest in frames:
-                    for out, out_dest in faults.apply(frame, dest):
-                        send(out, out_dest)
+                    out += apply(frame, dest)
+                frames = out
+            if frames:
+                send_batch(frames)
         if faults is not None and not more and faults.held:
             # Idle: release frames held back for reordering, or they would wait for
             # traffic that may never come (the last frames of a transfer, a lone ack).
-            for out, out_dest in faults.flush():
-                send(out, out_dest)
+            send_batch(faults.flush())
         self._more = more

@@ -162,3 +162,179 @@ def test_missing_interface_is_reported_by_name(netns_pair):
 
 def test_constants():
     assert ETHERTYPE == 0x88B5 and BROADCAST == b"\xff" * 6
+
+
+# ---- send_batch through the PACKET_TX_RING ------------------------------------
+
+import logging  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
+from mirrord import packet_socket  # noqa: E402
+
+# Enough time for a few thousand jumbo frames to cross the veth and be read.
+BULK_DEADLINE_S = 10.0
+
+
+def _tagged(i: int, size: int) -> bytes:
+    """A payload that says which frame it is, the rest random (a stale slot shows)."""
+    tag = b"%08d" % i
+    return (tag + os.urandom(max(size - len(tag), 0)))[:size] if size >= len(tag) else tag[:size]
+
+
+def _ring_idle(sock: PacketSocket) -> bool:
+    """No slot is left waiting for the kernel (none SEND_REQUEST or WRONG_FORMAT)."""
+    ring = sock._tx
+    return all(ring.words[off >> 2] in (packet_socket.TP_STATUS_AVAILABLE,
+                                        packet_socket.TP_STATUS_SENDING)
+               for off in ring.offsets)
+
+
+@pytest.mark.parametrize("sockets", [1500, 9000], indirect=True)
+def test_send_batch_frames_arrive_intact_and_in_order(sockets):
+    pair, a, b = sockets
+    assert a.tx_ring and "tx_ring=True" in repr(a)
+    sizes = [pair.mtu, 0, 1, 63, 64, 1000, pair.mtu - 1, pair.mtu]
+    payloads = [_tagged(i, size) for i, size in enumerate(sizes)]
+    kinds = [bytes, bytearray, lambda p: memoryview(bytearray(p))]
+    batch = [(kinds[i % 3](p), pair.mac_b) for i, p in enumerate(payloads)]
+    batch[3] = (batch[3][0], None)  # broadcast
+    batch[4] = (batch[4][0], bytearray(pair.mac_b))  # any bytes-like MAC
+    assert a.send_batch(batch) == len(batch)
+    # send() and send_batch() share the wire in call order.
+    assert a.send(b"between", pair.mac_b)
+    assert a.send_batch([(b"last", pair.mac_b)]) == 1
+    assert a.send_batch([]) == 0
+    got = _receive(b, len(payloads) + 2)
+    assert [bytes(p) for p, _ in got] == payloads + [b"between", b"last"]
+    assert all(src == pair.mac_a for _, src in got)
+    assert a.counters["send_dropped"] == a.counters["tx_ring_full"] == 0
+    assert _ring_idle(a)
+
+
+@pytest.mark.parametrize("sockets", [9000], indirect=True)
+def test_send_batch_wraps_around_the_ring_many_times(sockets):
+    pair, a, b = sockets
+    nslots = a._tx.nslots
+    assert nslots >= 64
+    # Batches of 64, then single batches larger than the whole ring (a full lap
+    # inside one call), each payload different: a slot rewritten while the
+    # kernel still used it would deliver a wrong or torn frame.
+    plan = [64] * (3 * nslots // 64 + 1) + [2 * nslots + 7, 5]
+    total = sum(plan)
+    got: list = []
+    deadline = time.monotonic() + BULK_DEADLINE_S
+    i = 0
+    for size in plan:
+        batch = [(_tagged(i + k, pair.mtu - (i + k) % 97), pair.mac_b) for k in range(size)]
+        assert a.send_batch(batch) == size
+        i += size
+        got += b.recv_batch(4096)
+    while len(got) < total and time.monotonic() < deadline:
+        more = b.recv_batch(4096)
+        got += more
+        if not more:
+            time.sleep(0.001)
+    assert len(got) == total
+    for k, (p, src) in enumerate(got):
+        assert len(p) == pair.mtu - k % 97 and bytes(p[:8]) == b"%08d" % k, k
+    assert a.counters["send_dropped"] == a.counters["tx_ring_full"] == 0
+    assert a._tx.head == total % nslots
+    assert _ring_idle(a)
+
+
+def test_send_batch_oversize_payload_or_bad_mac_raises_and_the_ring_carries_on(sockets):
+    pair, a, b = sockets
+    with pytest.raises(ValueError, match="MTU"):
+        a.send_batch([(b"before", pair.mac_b), (bytes(pair.mtu + 1), pair.mac_b),
+                      (b"after", pair.mac_b)])
+    with pytest.raises(ValueError, match="6 bytes"):
+        a.send_batch([(b"before2", pair.mac_b), (b"x", b"\x01\x02")])
+    assert _ring_idle(a)
+    assert a.send_batch([(b"next", pair.mac_b)]) == 1
+    assert [bytes(p) for p, _ in _receive(b, 3)] == [b"before", b"before2", b"next"]
+
+
+def test_send_batch_falls_back_to_send_when_the_ring_is_unavailable(
+        netns_pair_factory, monkeypatch, caplog):
+    pair = netns_pair_factory(mtu=1500)
+
+    def no_mmap(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(packet_socket.mmap, "mmap", no_mmap)
+    monkeypatch.setattr(packet_socket, "_tx_ring_failure_logged", False)
+    with caplog.at_level(logging.WARNING, logger="mirrord.packet_socket"):
+        a = _open(pair, pair.ns_a, pair.if_a)
+        a2 = _open(pair, pair.ns_a, pair.if_a)
+    b = _open(pair, pair.ns_b, pair.if_b)
+    plain = _open(pair, pair.ns_a, pair.if_a, tx_ring=False)
+    try:
+        assert not a.tx_ring and not a2.tx_ring and not plain.tx_ring
+        warnings = [r for r in caplog.records if "PACKET_TX_RING" in r.getMessage()]
+        assert len(warnings) == 1  # logged once, not per socket
+        assert a.send_batch([(b"one", pair.mac_b), (b"two", None)]) == 2
+        assert plain.send_batch([(b"three", pair.mac_b)]) == 1
+        assert [bytes(p) for p, _ in _receive(b, 3)] == [b"one", b"two", b"three"]
+        with pytest.raises(ValueError, match="MTU"):
+            a.send_batch([(bytes(pair.mtu + 1), pair.mac_b)])
+    finally:
+        for s in (a, a2, b, plain):
+            s.close()
+
+
+def test_send_batch_link_down_counts_drops_and_the_ring_survives(sockets):
+    pair, a, b = sockets
+    pair.set_link(pair.ns_a, False)
+    assert a.send_batch([(b"lost%d" % i, pair.mac_b) for i in range(5)]) == 0
+    assert a.counters["send_dropped"] == 5
+    assert _ring_idle(a)
+    pair.set_link(pair.ns_a, True)
+    assert a.send_batch([(b"back", pair.mac_b), (b"again", pair.mac_b)]) == 2
+    # Nothing queued while the link was down goes out late.
+    assert [bytes(p) for p, _ in _receive(b, 3, deadline_s=0.3)] == [b"back", b"again"]
+
+
+@pytest.mark.parametrize("sockets", [9000], indirect=True)
+def test_send_batch_drops_a_frame_the_kernel_refuses(sockets):
+    """The MTU shrinks under an open socket: the kernel marks the slot WRONG_FORMAT."""
+    pair, a, b = sockets
+    pair.run(pair.ns_a, ["ip", "link", "set", "dev", pair.if_a, "mtu", "1500"])
+    batch = [(b"small1", pair.mac_b), (bytes(9000), pair.mac_b), (b"small2", pair.mac_b),
+             (b"small3", pair.mac_b)]
+    assert a.send_batch(batch) == 3
+    assert a.counters["tx_wrong_format"] == 1 and a.counters["send_dropped"] == 1
+    assert _ring_idle(a)
+    assert a.send_batch([(b"small4", pair.mac_b)]) == 1
+    assert [bytes(p) for p, _ in _receive(b, 4)] == [b"small1", b"small2", b"small3", b"small4"]
+
+
+@pytest.mark.parametrize("sockets", [9000], indirect=True)
+def test_send_batch_waits_for_a_full_ring_then_sends_frame_by_frame(sockets):
+    """A slow qdisc keeps every slot in flight (SENDING) past SEND_WAIT_MS."""
+    pair, a, b = sockets
+    if shutil.which("tc") is None:
+        pytest.skip("no tc")
+    tc = ["tc", "qdisc", "add", "dev", pair.if_a, "root", "tbf", "rate", "1mbit",
+          "burst", "10kb", "limit", "64mb"]
+    if pair.run(pair.ns_a, tc, check=False, capture_output=True).returncode != 0:
+        pytest.skip("tbf qdisc unavailable")
+    nslots = a._tx.nslots
+    total = nslots + 8
+    start = time.monotonic()
+    assert a.send_batch([(_tagged(i, 9000), pair.mac_b) for i in range(total)]) == total
+    assert time.monotonic() - start >= packet_socket.SEND_WAIT_MS / 1000
+    assert 1 <= a.counters["tx_ring_full"] <= 8  # the tail went out through send()
+    assert a.counters["send_dropped"] == 0
+    # Removing the qdisc frees what it held: the slots come back and the ring goes on.
+    pair.run(pair.ns_a, ["tc", "qdisc", "del", "dev", pair.if_a, "root"])
+    deadline = time.monotonic() + RECV_DEADLINE_S
+    while time.monotonic() < deadline and any(
+            a._tx.words[off >> 2] != packet_socket.TP_STATUS_AVAILABLE for off in a._tx.offsets):
+        time.sleep(0.001)
+    assert _ring_idle(a)
+    b.recv_batch(4096)  # the few frames the bucket let through
+    fresh = [b"fresh%d" % i for i in range(5)]
+    assert a.send_batch([(p, pair.mac_b) for p in fresh]) == 5
+    assert [bytes(p) for p, _ in _receive(b, 5)] == fresh
+    assert a.counters["tx_ring_full"] <= 8
