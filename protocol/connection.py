@@ -247,7 +247,8 @@ class Connection:
         ftype = frame.type
         sender = session.sender
         if ftype == _DATA:
-            sender.on_ack(frame.ack, frame.window, (), now)
+            if frame.ack > sender.snd_una or frame.ack + frame.window > sender.right_edge:
+                sender.on_ack(frame.ack, frame.window, (), now)  # skipped: nothing new
             session.receiver.on_data(frame.seq, frame.flags, frame.payload, now)
         elif ftype == _ACK:
             sender.on_ack(frame.ack, frame.window, decode_sack(frame.payload), now)

@@ -40,7 +40,7 @@ class Sender:
     """Sequence numbers, in-flight frames and the decisions about what to send next."""
 
     __slots__ = (
-        "rtt", "next_seq", "snd_una", "_right_edge", "_send_window", "_queue", "_inflight",
+        "rtt", "next_seq", "snd_una", "right_edge", "_send_window", "_queue", "_inflight",
         "_lost", "_sacked", "_tx", "_largest_acked_tx", "_message_ends", "_next_message",
         "acked_messages", "_rto_armed_at", "counters",
     )
@@ -49,7 +49,7 @@ class Sender:
         self.rtt = rtt
         self.next_seq = 1  # seq of the next new frame
         self.snd_una = 1  # lowest seq not yet cumulatively acked
-        self._right_edge = 1  # peer's ack + window: nothing until the peer announces it
+        self.right_edge = 1  # peer's ack + window: nothing until the peer announces it
         self._send_window = send_window  # our own cap on frames in flight
         self._queue: deque = deque()  # (payload, flags) waiting for a seq
         self._inflight: OrderedDict = OrderedDict()  # seq -> record, in transmission order
@@ -111,7 +111,7 @@ class Sender:
         queue = self._queue
         if queue and len(out) < limit:
             seq = self.next_seq
-            stop = min(self._right_edge, self.snd_una + self._send_window, seq + limit - len(out),
+            stop = min(self.right_edge, self.snd_una + self._send_window, seq + limit - len(out),
                        seq + len(queue))
             tx = self._tx
             popleft = queue.popleft
@@ -139,8 +139,8 @@ class Sender:
         if ack > self.next_seq:
             ack = self.next_seq
         edge = ack + window
-        if edge > self._right_edge:
-            self._right_edge = edge
+        if edge > self.right_edge:
+            self.right_edge = edge
         if ack <= self.snd_una and not sack_ranges:
             return False  # the common case on a one-way stream: nothing new
         inflight = self._inflight
