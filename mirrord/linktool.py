@@ -148,6 +148,8 @@ def report(link: Link, conn: Connection, **fields) -> dict:
     if link.faults is not None:
         fields["faults"] = link.faults.counters()
     fields["mtu"] = link.mtu
+    rtt = conn.rtt()
+    fields["rtt_ms"] = round(rtt * 1000, 3) if rtt is not None else None
     return fields
 
 
@@ -253,11 +255,12 @@ def run_send(args, link: Link, conn: Connection, stop: Stop) -> int:
         if failure:
             break
     seconds = time.monotonic() - start
+    code = finish_transfer(link, conn, "send", min(acked * size, total), seconds,
+                           digest if verify else None, failure, messages=acked)
     if conn.session_id is not None:
         conn.close("transfer finished", now=time.monotonic())
         link.flush()
-    return finish_transfer(link, conn, "send", min(acked * size, total), seconds,
-                           digest if verify else None, failure, messages=acked)
+    return code
 
 
 def run_receive(args, link: Link, conn: Connection, stop: Stop) -> int:

@@ -38,7 +38,7 @@ from .events import (
     Connected, ConnectionLost, Event, HandshakeRefused, MessageReceived, MessagesAcknowledged,
 )
 from .frames import (
-    AUTHENTICATED, HEADER_SIZE, TRAILER_SIZE, FrameType, decode_frame, encode_frame,
+    AUTHENTICATED, HEADER_SIZE, TRAILER_SIZE, FrameType, decode_frame, encode_frame, peek_version,
 )
 from .handshake import (
     MAX_VERSION, MIN_VERSION, NONCE_SIZE, decode_hello, encode_hello, session_id,
@@ -196,10 +196,11 @@ class Connection:
                 # The version byte is read before the checksum can be (its layout is the
                 # other version's), so one such frame may be noise: report a version only
                 # once it has been seen VERSION_REPORT_AFTER times.
-                seen = self._foreign_versions.get(data[0], 0) + 1
-                self._foreign_versions[data[0]] = seen
+                version = peek_version(data)
+                seen = self._foreign_versions.get(version, 0) + 1
+                self._foreign_versions[version] = seen
                 if seen >= VERSION_REPORT_AFTER:
-                    self._refuse(None, b"", f"a peer sent protocol version {data[0]}; this "
+                    self._refuse(None, b"", f"a peer sent protocol version {version}; this "
                                  f"node speaks {MIN_VERSION}..{MAX_VERSION}")
             return
         if frame.volume != self.config.volume:

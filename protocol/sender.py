@@ -85,12 +85,6 @@ class Sender:
         self._message_ends.append((self.next_seq + len(queue) - 1, number))
         return number
 
-    def has_unsent(self) -> bool:
-        return bool(self._lost) or bool(self._queue)
-
-    def has_inflight(self) -> bool:
-        return self.next_seq != self.snd_una
-
     def take(self, now: float, limit: int) -> list:
         """Up to `limit` frames to send now, as (seq, payload, flags): lost frames first,
         then new ones as far as both windows allow.  Batched because this is the hot path."""
