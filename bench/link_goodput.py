@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -37,6 +38,19 @@ from netns import NetnsPair  # noqa: E402
 from raw_link import measure_raw  # noqa: E402
 
 DEFAULT_BYTES = {1500: "512M", 9000: "2G"}
+# A fixed amount of pure-Python work, timed before and after every sample: on a quiet
+# machine its time is steady; when another process or the hypervisor takes the CPUs it
+# grows, and the sample next to it is not to be trusted.  Reported as `cpu_probe_ms`.
+PROBE_LOOPS = 200_000
+
+
+def cpu_probe() -> float:
+    """Milliseconds this process takes for PROBE_LOOPS iterations of a trivial loop."""
+    start = time.perf_counter()
+    total = 0
+    for i in range(PROBE_LOOPS):
+        total += i
+    return round((time.perf_counter() - start) * 1000, 2)
 
 
 def transfer(pair: NetnsPair, size: str, extra: list[str], verify: bool = True) -> dict:
@@ -56,15 +70,21 @@ def transfer(pair: NetnsPair, size: str, extra: list[str], verify: bool = True) 
 
 def measure(mtu: int, size: str, repeats: int, secret_file: str) -> dict:
     raws, plains, links, macs = [], [], [], []
+    probes = [cpu_probe()]
     retransmits = 0
     with NetnsPair(mtu=mtu) as pair:
-        for _ in range(repeats):
+        for i in range(repeats):
             raws.append(measure_raw(mtu, 2.0, pair=pair)["delivered_mb_s"])
-            got = transfer(pair, size, [])
-            plains.append(got["goodput_mb_s"])
-            retransmits += got["counters"]["duplicates"]
-            links.append(transfer(pair, size, [], verify=False)["goodput_mb_s"])
+            probes.append(cpu_probe())
+            # Alternate the order of the verified and unverified runs between repeats so
+            # that a drift in the machine's speed does not favour one of them.
+            for verify in ((True, False) if i % 2 == 0 else (False, True)):
+                got = transfer(pair, size, [], verify=verify)
+                (plains if verify else links).append(got["goodput_mb_s"])
+                retransmits += got["counters"]["duplicates"]
+                probes.append(cpu_probe())
             macs.append(transfer(pair, size, ["--secret-file", secret_file])["goodput_mb_s"])
+            probes.append(cpu_probe())
     raw = statistics.median(raws)
     plain = statistics.median(plains)
     mac = statistics.median(macs)
@@ -81,6 +101,8 @@ def measure(mtu: int, size: str, repeats: int, secret_file: str) -> dict:
         "ratio_unverified": round(link_only / raw, 3),
         "ratio_with_secret": round(mac / raw, 3),
         "samples": {"raw": raws, "goodput": plains, "unverified": links, "with_secret": macs},
+        # Steady = a quiet machine; a spread of more than ~15% means the figures are suspect.
+        "cpu_probe_ms": probes,
         "duplicates_seen": retransmits,
     }
 
