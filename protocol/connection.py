@@ -191,7 +191,7 @@ class Connection:
         try:
             frame = decode_frame(data)
         except FrameError as err:
-            setattr(counters, err.reason, getattr(counters, err.reason) + 1)
+            counters.drop(err.reason)
             if err.reason == "bad_version" and self._attempt is not None:
                 # The version byte is read before the checksum can be (its layout is the
                 # other version's), so one such frame may be noise: report a version only
@@ -233,7 +233,7 @@ class Connection:
             self._on_session_frame(session, frame, now)
         except FrameError as err:
             # Authentic and in-session but nonsensical: the peer is broken.  Do not guess.
-            setattr(counters, err.reason, getattr(counters, err.reason) + 1)
+            counters.drop(err.reason)
             self._lose(session, f"protocol violation by peer: {err.detail}", now)
 
     def _on_session_frame(self, session: _Session, frame, now: float) -> None:
@@ -241,10 +241,7 @@ class Connection:
         counters.frames_received += 1
         session.last_received = now
         if not session.peer_confirmed:
-            # The peer is connected too: (re)announce our window, in case the ACK we sent
-            # on connecting arrived before the peer had completed its handshake.
-            session.peer_confirmed = True
-            session.receiver.ack_now = True
+            self._confirm_peer(session)
         ftype = frame.type
         sender = session.sender
         if ftype == _DATA:
@@ -263,6 +260,13 @@ class Connection:
         if sender.acked_messages > self._acked_reported:
             self._acked_reported = sender.acked_messages
             self._events.append((MessagesAcknowledged(sender.acked_messages), None))
+
+    @staticmethod
+    def _confirm_peer(session: _Session) -> None:
+        """The peer is connected too: stop repeating our HELLO, and (re)announce our
+        window, in case the ACK sent on connecting arrived before the peer completed."""
+        session.peer_confirmed = True
+        session.receiver.ack_now = True
 
     def _deliver(self, parts: tuple, frames: int) -> None:
         event = MessageReceived(parts, frames)
@@ -290,7 +294,7 @@ class Connection:
         try:
             hello = decode_hello(frame.payload)
         except FrameError as err:
-            setattr(counters, err.reason, getattr(counters, err.reason) + 1)
+            counters.drop(err.reason)
             return
         state = self._sm.state
         if state is not ConnState.CONNECTING and state is not ConnState.ESTABLISHED:
@@ -302,8 +306,7 @@ class Connection:
         if session is not None and hello.nonce == session.peer_nonce:
             if hello.session == session.id:
                 if not session.peer_confirmed:
-                    session.peer_confirmed = True
-                    session.receiver.ack_now = True
+                    self._confirm_peer(session)
             elif hello.echo == session.nonce and not session.peer_confirmed:
                 # The peer may have missed our last HELLO: repeat it, until a session
                 # frame shows the peer is connected too (else two connected peers would

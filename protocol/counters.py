@@ -51,6 +51,10 @@ class Counters:
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
+    def drop(self, reason: str) -> None:
+        """Count one frame dropped for `reason` (a FrameError reason, a field here)."""
+        setattr(self, reason, getattr(self, reason) + 1)
+
     def dropped(self) -> int:
         """Frames dropped for any reason."""
         return sum(getattr(self, name) for name in DROP_REASONS)
