@@ -74,6 +74,10 @@ class Link:
             raise ValueError(f"volume id {volume} is already served on {self.ifname}")
         self._conns[volume] = conn
 
+    def watch(self, fd: int) -> None:
+        """Make step() also wake up when `fd` is readable (the caller reads it)."""
+        self._poll.register(fd, select.POLLIN)
+
     def start(self) -> None:
         """Start every connection's handshake, telling it the carrier's present state."""
         now = self.clock()

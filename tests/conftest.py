@@ -101,3 +101,23 @@ def _close_all(groups) -> None:
             first_error = first_error or exc
     if first_error is not None:
         raise first_error
+
+
+@pytest.fixture
+def mirror_pair(netns_pair_factory):
+    """``make(mtu=9000, **MirrorPair options) -> MirrorPair``: two daemons' worth of
+    namespaces, disks and config (tests/mirrorpair.py); stopped and removed at teardown."""
+    from mirrorpair import MirrorPair
+
+    made: list = []
+
+    def make(mtu: int = 9000, **options) -> MirrorPair:
+        pair = MirrorPair(netns_pair_factory(mtu=mtu), **options)
+        made.append(pair)
+        return pair
+
+    try:
+        yield make
+    finally:
+        for pair in reversed(made):
+            pair.close()

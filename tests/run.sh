@@ -7,10 +7,20 @@ if [ "$(id -u)" != 0 ]; then
     echo "tests/run.sh: run as root (the integration tests create network namespaces)" >&2
     exit 2
 fi
-# iproute2 for `ip netns`/veth; procps for ps (the demo test looks for leftover processes).
+# iproute2 for `ip netns`/veth; procps for ps (the demo test looks for leftover processes);
+# real NBD clients and a FUSE bridge for the NBD tests (see ../shared/NBD-TESTING.md);
+# e2fsprogs and mount (losetup) for the ext4 test.
 need=()
 command -v ip >/dev/null || need+=(iproute2)
 command -v ps >/dev/null || need+=(procps)
+command -v nbdcopy >/dev/null || need+=(libnbd-bin)
+[ -e /usr/lib/python3/dist-packages/nbd.py ] || need+=(python3-libnbd)
+command -v nbdkit >/dev/null || need+=(nbdkit)
+command -v qemu-io >/dev/null || need+=(qemu-utils)
+command -v fusermount3 >/dev/null || need+=(fuse3)
+command -v fio >/dev/null || need+=(fio)
+command -v e2fsck >/dev/null || need+=(e2fsprogs)
+command -v losetup >/dev/null || need+=(mount)
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${need[@]}"

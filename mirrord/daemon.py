@@ -1,0 +1,201 @@
+"""`mirrord`: run one resource on one node, in the foreground.
+
+    mirrord --config /etc/mirrord/r0.toml [--node alpha]
+
+Logs go to stderr.  SIGTERM or SIGINT stops it cleanly: the NBD export closes, writes in
+flight finish, the disk is flushed and the metadata records a clean stop.
+
+Exit codes:
+  0  stopped by SIGTERM/SIGINT
+  1  a runtime failure (the link or a thread failed; the log says which)
+  2  a configuration error: one line naming the file, the key and the problem.  This
+     includes a disk size that differs from the peer's, found when the two connect
+     (a secondary stops; a primary refuses the peer and goes on serving)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from protocol import Connection, ConnectionConfig, ProtocolError
+
+from . import metafile
+from .applier import Applier
+from .backing import BackingStore
+from .config import ConfigFileError, check_local, load_config
+from .control import ControlRefused, ControlServer, request_arg
+from .engine import Engine, Refused
+from .faults import parse_fault_spec
+from .iface import InterfaceError
+from .link import Link
+from .link_service import LinkService
+from .nbd_server import NbdServer
+from .process import tune_allocator
+
+log = logging.getLogger("mirrord")
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+class StartupError(Exception):
+    """Something named in the config cannot be used: one line, exit 2."""
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="mirrord", description="Mirror one block volume to a peer box (one resource, "
+        "one node, foreground).", epilog="Exit codes: 0 stopped by a signal, 1 runtime "
+        "failure, 2 configuration error.")
+    parser.add_argument("--config", required=True, help="the resource's TOML file")
+    parser.add_argument("--node", help="this node's name in the file (default: hostname)")
+    parser.add_argument("--log-level", default="info",
+                        choices=("debug", "info", "warning", "error"))
+    # For tests and benchmarks only: frame faults on the link (see mirrord-link --faults).
+    parser.add_argument("--faults", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+class Daemon:
+    """Everything one resource runs on one node, built from its config."""
+
+    def __init__(self, cfg, faults=None) -> None:
+        self.cfg = cfg
+        self.stopping = threading.Event()
+        self.exit_code = EXIT_OK
+        node = cfg.node
+        try:
+            self.store = BackingStore(node.disk)
+        except OSError as exc:
+            raise StartupError(f"{cfg.path}: nodes.{node.name}.disk: cannot open "
+                               f"{node.disk}: {exc.strerror}") from None
+        try:
+            meta, created = metafile.load(node.metadata, self.store.size, node.name)
+        except metafile.MetadataFileError as exc:
+            self.store.close()
+            raise StartupError(f"{cfg.path}: nodes.{node.name}.metadata: {exc}") from None
+        if created:
+            log.info("new metadata %s: disk inconsistent until a resync or `mirrorctl "
+                     "primary --force`", node.metadata)
+        try:
+            self.link = Link(node.interface, faults=faults)
+        except InterfaceError as exc:
+            self.store.close()
+            raise StartupError(f"{cfg.path}: nodes.{node.name}.interface: {exc}") from None
+        try:
+            conn = Connection(ConnectionConfig(
+                node=node.name, volume=cfg.volume_id, mtu=self.link.mtu,
+                peer_node=cfg.peer.name, peer_address=cfg.peer.mac, secret=cfg.secret,
+                **({"dead_peer_timeout": cfg.dead_peer_timeout}
+                   if cfg.dead_peer_timeout is not None else {})))
+        except ProtocolError as exc:
+            self.link.close()
+            self.store.close()
+            raise StartupError(f"{cfg.path}: {exc}") from None
+        self.link.add(conn)
+        self.engine = Engine(
+            resource=cfg.name, node=node.name, peer_node=cfg.peer.name,
+            protocol=cfg.protocol, store=self.store, meta=meta, meta_path=node.metadata,
+            sync_rate=cfg.sync_rate, on_fatal=self._fatal)
+        self.service = LinkService(self.link, conn, self.engine.on_event)
+        self.applier = Applier(self.engine)
+        self.engine.attach(self.service, self.applier)
+        self.nbd = NbdServer(node.nbd_socket, self.engine, export_name=cfg.name,
+                             description=f"mirrord resource {cfg.name} on {node.name}")
+        self.engine.nbd = self.nbd
+        self.control = ControlServer(node.control_socket, self._handle_control)
+
+    def _fatal(self, code: int, message: str) -> None:
+        log.error("stopping: %s", message)
+        if self.exit_code == EXIT_OK:
+            self.exit_code = code
+        self.stopping.set()
+
+    def _handle_control(self, request: dict) -> dict:
+        engine = self.engine
+        command = request.get("command")
+        try:
+            if command == "status":
+                return {"ok": True, "status": engine.status()}
+            if command == "primary":
+                return {"ok": True, "message": engine.promote(request_arg(request, "force", bool, False))}
+            if command == "secondary":
+                return {"ok": True, "message": engine.demote()}
+            if command == "connect":
+                return {"ok": True, "message": engine.connect()}
+            if command == "disconnect":
+                return {"ok": True, "message": engine.disconnect()}
+        except Refused as exc:
+            raise ControlRefused(exc.error, exc.hint) from None
+        raise ControlRefused(f"unknown command {command!r}",
+                             "mirrorctl --help lists the commands")
+
+    def run(self) -> int:
+        cfg = self.cfg
+        self.applier.start()
+        self.service.start()
+        try:
+            self.nbd.start()
+            self.control.start()
+        except OSError as exc:
+            log.error("%s: cannot listen: %s", cfg.path, exc)
+            self.exit_code = EXIT_CONFIG
+            self.stopping.set()
+        else:
+            meta = self.engine.meta
+            log.info("%s on %s: started: disk %s, %d bytes, link %s (MTU %d), protocol %s",
+                     cfg.name, cfg.node.name, self.engine.disk_state(), self.store.size,
+                     cfg.node.interface, self.link.mtu, cfg.protocol)
+            if meta.primary:
+                log.warning("%s: this node was primary when it last stopped without a "
+                            "clean shutdown: its peer will be resynced from it", cfg.name)
+        while not self.stopping.wait(0.5):
+            if self.service.failure is not None:
+                self.exit_code = EXIT_FAILED
+                break
+        self.stop()
+        return self.exit_code
+
+    def stop(self) -> None:
+        log.info("%s: stopping", self.cfg.name)
+        self.nbd.close()
+        self.control.close()
+        self.engine.shutdown()
+        self.applier.stop()
+        self.service.stop()
+        self.store.close()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    faults = None
+    if args.faults:
+        try:
+            faults = parse_fault_spec(args.faults)
+        except ValueError as exc:
+            print(f"mirrord: --faults: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    try:
+        cfg = load_config(args.config, args.node)
+        check_local(cfg)
+    except ConfigFileError as exc:
+        print(f"mirrord: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    tune_allocator()
+    try:
+        daemon = Daemon(cfg, faults)
+    except StartupError as exc:
+        print(f"mirrord: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: daemon.stopping.set())
+    return daemon.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

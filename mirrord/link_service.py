@@ -1,0 +1,167 @@
+"""The link's thread: one Link and its Connection, fed by the daemon's other threads.
+
+protocol.Connection is not thread-safe and the Link loop must never block on a disk or
+an NBD client, so one thread owns both.  Other threads hand it messages with submit();
+an eventfd wakes its poll.  Events (connected, message received, acknowledged, lost) are
+passed to one handler, called in this thread: it must not block for long.
+
+Memory is bounded: submit() callers first wait in wait_for_room() until the bytes queued
+and not yet acknowledged by the peer's link layer are under a limit, so a fast writer
+cannot queue more than that ahead of a slow link.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from typing import Callable
+
+from protocol import Connection, ConnectionLost, Event, LocalProtocolError, MessagesAcknowledged
+
+from .link import Link
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_UNACKED = 64 << 20  # bytes submitted and not yet acked by the peer's link
+
+
+class LinkService:
+    """Runs `link` (serving `conn`) in a thread of its own."""
+
+    def __init__(self, link: Link, conn: Connection, on_event: Callable[[Event], None], *,
+                 max_unacked: int = DEFAULT_MAX_UNACKED) -> None:
+        self.link = link
+        self.conn = conn
+        self.on_event = on_event
+        self.max_unacked = max_unacked
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        link.watch(self._wake)
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._queue: collections.deque = collections.deque()  # (data, session, on_acked)
+        self._calls: collections.deque = collections.deque()  # functions to run here
+        self._unacked = 0  # bytes queued or sent, not yet acked
+        self._sent: collections.deque = collections.deque()  # (msg_no, size, on_acked)
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.failure: BaseException | None = None
+
+    # --- any thread -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="link", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop = True
+        self._poke()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.link.close()
+        os.close(self._wake)
+
+    def submit(self, data, session: int, on_acked: Callable[[bool], None] | None = None) -> None:
+        """Send `data` as one message on session `session` (dropped if that session ended).
+
+        `on_acked(True)` runs in the link thread once the peer's link has it, or
+        `on_acked(False)` if the session ends first (or had already ended).
+        """
+        with self._lock:
+            self._unacked += len(data)
+            self._queue.append((data, session, on_acked))
+        self._poke()
+
+    def call_soon(self, func: Callable[[], None]) -> None:
+        """Run `func()` in the link thread (to touch the Connection safely)."""
+        with self._lock:
+            self._calls.append(func)
+        self._poke()
+
+    def wait_for_room(self, nbytes: int, timeout: float) -> bool:
+        """Wait until `nbytes` more fit under the unacked limit; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._room:
+            while self._unacked and self._unacked + nbytes > self.max_unacked:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop:
+                    return False
+                self._room.wait(left)
+        return True
+
+    def _poke(self) -> None:
+        try:
+            os.eventfd_write(self._wake, 1)
+        except OSError:
+            pass  # closed while stopping
+
+    # --- the link thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self.link.start()
+            while not self._stop:
+                self._drain_inputs()
+                for _conn, event in self.link.step():
+                    self._on_link_event(event)
+        except BaseException as exc:  # noqa: BLE001 - reported to the daemon, which stops
+            self.failure = exc
+            log.exception("link thread failed")
+            self._release_all()
+
+    def _drain_inputs(self) -> None:
+        try:
+            os.eventfd_read(self._wake)
+        except BlockingIOError:
+            pass
+        with self._lock:
+            calls, self._calls = self._calls, collections.deque()
+            queue, self._queue = self._queue, collections.deque()
+        for func in calls:
+            func()
+        if not queue:
+            return
+        now = self.link.clock()
+        conn = self.conn
+        failed = []
+        for data, session, on_acked in queue:
+            if conn.session_id != session:
+                failed.append((len(data), on_acked))
+                continue
+            try:
+                number = conn.send_message(data, now=now)
+            except LocalProtocolError:
+                failed.append((len(data), on_acked))
+                continue
+            self._sent.append((number, len(data), on_acked))
+        if failed:
+            self._forget(failed)
+        self.link.flush(now)
+
+    def _on_link_event(self, event: Event) -> None:
+        if isinstance(event, MessagesAcknowledged):
+            sent, done = self._sent, []
+            while sent and sent[0][0] <= event.up_to:
+                _, size, on_acked = sent.popleft()
+                done.append((size, on_acked))
+            self._forget(done, acked=True)
+        elif isinstance(event, ConnectionLost):
+            lost, self._sent = list(self._sent), collections.deque()
+            self._forget([(size, cb) for _, size, cb in lost])
+        self.on_event(event)
+
+    def _forget(self, entries, acked: bool = False) -> None:
+        """Release the bytes of finished messages and run their callbacks."""
+        with self._room:
+            self._unacked -= sum(size for size, _ in entries)
+            self._room.notify_all()
+        for _, on_acked in entries:
+            if on_acked is not None:
+                on_acked(acked)
+
+    def _release_all(self) -> None:
+        with self._room:
+            self._stop = True
+            self._room.notify_all()

@@ -1,0 +1,229 @@
+"""A mirrored volume used through NBD by real clients: two real daemons in two namespaces.
+
+Each test starts both daemons on a fresh veth pair (MTU 9000), makes alpha primary and
+waits for the initial sync, then drives the primary's export with nbdcopy, qemu-io or
+qemu-img and compares the two backing files byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from mirrorpair import files_equal, first_difference
+
+pytestmark = pytest.mark.netns
+
+MiB = 1 << 20
+
+
+def run(argv, timeout=120, check=True, **kw):
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{argv[0]} exited {result.returncode}:\n{result.stdout}\n"
+                             f"{result.stderr}")
+    return result
+
+
+def random_file(path: str, size: int, seed: int = 1) -> str:
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 4 * MiB)
+            f.write(rng.randbytes(n))
+            left -= n
+    return path
+
+
+def started_pair(mirror_pair, **options):
+    """Both daemons up, alpha primary, the initial full sync done."""
+    pair = mirror_pair(**options)
+    pair.start_all()
+    pair.promote("alpha", force=True)
+    pair.wait_connected(timeout=60)
+    return pair
+
+
+def assert_identical(pair):
+    diff = first_difference(pair.disk("alpha"), pair.disk("beta"))
+    assert diff is None, f"backing files differ first at byte {diff}\n{pair.logs_text()}"
+
+
+@pytest.mark.parametrize("protocol", ["A", "B", "C"])
+def test_nbdcopy_256mib_leaves_both_disks_identical(mirror_pair, tmp_path, protocol):
+    pair = started_pair(mirror_pair, size=256 * MiB, protocol=protocol)
+    source = random_file(str(tmp_path / "source.img"), 256 * MiB, seed=hash(protocol) & 0xFFFF)
+    run(["nbdcopy", "--flush", source, pair.uri("alpha")])
+    # FLUSH completed: with protocol C the peer applied everything; with A and B the
+    # flush still waits for the peer to make every earlier write durable.
+    assert files_equal(source, pair.disk("alpha"))
+    assert_identical(pair)
+    run(["qemu-img", "compare", "-f", "raw", "-F", "raw", source, pair.uri("alpha")])
+    status = pair.status("alpha")
+    assert status["protocol"] == protocol and status["out_of_sync_bytes"] == 0
+
+
+def test_qemu_io_mixed_requests(mirror_pair, tmp_path):
+    pair = started_pair(mirror_pair, size=64 * MiB)
+    rng = random.Random(7)
+    script = []
+    size = pair.size
+    final = bytearray(size)  # what every byte must read back as, applying writes in order
+    for i in range(1000):
+        kind = rng.choice(["write", "write", "writev", "aio", "fua", "zero", "trim", "flush"])
+        if kind == "flush":
+            script.append("flush")
+            continue
+        offset = rng.randrange(0, size - 300 * 1024)
+        length = rng.randrange(1, 256 * 1024)
+        pattern = rng.randrange(1, 255)
+        if kind == "write":
+            script.append(f"write -P {pattern} {offset} {length}")
+        elif kind == "fua":
+            script.append(f"write -f -P {pattern} {offset} {length}")
+        elif kind == "aio":
+            script.append(f"aio_write -P {pattern} {offset} {length}")
+            script.append("aio_flush")
+        elif kind == "writev":
+            half = max(1, length // 2)
+            script.append(f"writev -P {pattern} {offset} {half} {length - half or 1}")
+            length = half + (length - half or 1)
+        elif kind == "zero":
+            script.append(f"write -z {offset} {length}")
+            pattern = 0
+        else:
+            script.append(f"discard {offset} {length}")
+            pattern = 0  # this export makes trimmed ranges read as zeros on both boxes
+        final[offset:offset + length] = bytes([pattern]) * length
+    script.append("flush")
+    reads = []
+    for offset in range(0, size, 4 * MiB):
+        chunk = final[offset:offset + 4 * MiB]
+        start = 0
+        while start < len(chunk):
+            value = chunk[start]
+            end = start
+            while end < len(chunk) and chunk[end] == value:
+                end += 1
+            reads.append(f"read -P {value} {offset + start} {end - start}")
+            start = end
+    script_path = tmp_path / "script"
+    script_path.write_text("\n".join(script + reads) + "\n")
+    result = run(["qemu-io", "-f", "raw", pair.uri("alpha")], stdin=open(script_path),
+                 timeout=300, check=False)
+    assert result.returncode == 0 and "Pattern verification failed" not in result.stdout, \
+        result.stdout[-3000:] + result.stderr
+    assert_identical(pair)
+
+
+def test_writes_to_a_secondary_are_refused(mirror_pair, tmp_path):
+    pair = started_pair(mirror_pair, size=16 * MiB)
+    data = random_file(str(tmp_path / "d"), 1 * MiB)
+    result = run(["nbdcopy", data, pair.uri("beta")], check=False)
+    assert result.returncode != 0
+    info = run(["nbdinfo", "--json", pair.uri("beta")]).stdout
+    assert '"is_read_only": true' in info
+    assert_identical(pair)
+
+
+def test_promotion_rules(mirror_pair):
+    pair = mirror_pair(size=16 * MiB)
+    pair.start_all()
+    # A fresh disk is inconsistent: promotion needs --force.
+    refused = pair.ctl("alpha", "primary", check=False)
+    assert refused.returncode == 1 and "inconsistent" in refused.stderr
+    assert "--force" in refused.stderr and "Traceback" not in refused.stderr
+    pair.promote("alpha", force=True)
+    pair.wait_connected()
+    # The peer is primary: beta may not be promoted, even with --force.
+    for args in (["primary"], ["primary", "--force"]):
+        refused = pair.ctl("beta", *args, check=False)
+        assert refused.returncode == 1 and "alpha is primary" in refused.stderr
+    # Switch roles the proper way.
+    pair.ctl("alpha", "secondary")
+    pair.promote("beta")
+    pair.wait("beta", lambda s: s["role"] == "primary" and s["peer"]["role"] == "secondary",
+              10, "beta primary, alpha secondary")
+
+
+def test_kill_9_of_the_primary_never_loses_an_acknowledged_write(mirror_pair, tmp_path):
+    """Protocol C: a write the client saw complete is on the secondary's disk."""
+    pair = started_pair(mirror_pair, size=32 * MiB, protocol="C")
+    import nbdclient
+
+    nbd = nbdclient.libnbd()
+    rng = random.Random(20)
+    for round_no in range(20):
+        handle = nbd.NBD()
+        handle.connect_uri(pair.uri("alpha"))
+        offset = rng.randrange(0, pair.size // 4096) * 4096
+        payload = rng.randbytes(rng.choice([4096, 65536, 1 << 20]))
+        offset = min(offset, pair.size - len(payload))
+        # A burst of writes, then the one we check, then kill at a random moment.
+        for _ in range(rng.randrange(0, 20)):
+            handle.aio_pwrite(rng.randbytes(4096), rng.randrange(0, pair.size // 4096) * 4096)
+        handle.pwrite(payload, offset)  # returns once the server acknowledged it
+        time.sleep(rng.random() * 0.01)
+        pair.kill("alpha", signal.SIGKILL)
+        with open(pair.disk("beta"), "rb") as f:
+            f.seek(offset)
+            assert f.read(len(payload)) == payload, f"round {round_no}: acknowledged write lost"
+        try:
+            handle.shutdown()
+        except Exception:
+            pass
+        # Restart alpha; it crashed as primary, so it resyncs beta from itself.
+        pair.start("alpha")
+        pair.promote("alpha")
+        pair.wait("alpha", lambda s: s["connection"] == "connected"
+                  and s["peer"] is not None and s["peer"]["disk"] == "up-to-date", 60,
+                  "alpha back and beta up to date")
+    assert_identical(pair)
+
+
+def test_kill_9_of_the_secondary_during_writes(mirror_pair, tmp_path):
+    pair = started_pair(mirror_pair, size=64 * MiB)
+    import nbdclient
+
+    nbd = nbdclient.libnbd()
+    handle = nbd.NBD()
+    handle.connect_uri(pair.uri("alpha"))
+    rng = random.Random(3)
+    stop = threading.Event()
+    errors = []
+
+    def writer():
+        try:
+            while not stop.is_set():
+                handle.pwrite(rng.randbytes(65536), rng.randrange(0, pair.size // 65536) * 65536)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        pair.kill("beta", signal.SIGKILL)
+        time.sleep(3)  # the primary notices (dead-peer timeout) and goes on alone
+        status = pair.status("alpha")
+        assert status["role"] == "primary" and status["connection"] == "connecting"
+        assert status["out_of_sync_bytes"] > 0
+        pair.start("beta")
+        pair.wait("alpha", lambda s: s["connection"] in ("sync-source", "connected"), 30,
+                  "alpha reconnected")
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not errors, errors
+    handle.flush()
+    handle.shutdown()
+    pair.wait_connected(timeout=60)
+    assert_identical(pair)
