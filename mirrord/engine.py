@@ -35,8 +35,8 @@ from typing import Callable
 
 from protocol import Connected, ConnectionLost, HandshakeRefused, MessageReceived
 from protocol.replication import (
-    MessageError, MessageType, decode_message, encode_control, encode_flush, encode_write,
-    encode_zeroes,
+    MessageError, MessageType, decode_message, encode_control, encode_flush, encode_reply,
+    encode_sync_end, encode_write, encode_zeroes,
 )
 from resync.generations import NO_ID, Decision, Generation, decide
 from resync.metadata import Metadata
@@ -466,8 +466,7 @@ class Engine:
                     return False
             if last:
                 with self._lock:
-                    self._send_request(MessageType.SYNC_END, 0, None,
-                                       lambda ident: _sync_end(ident))
+                    self._send_request(MessageType.SYNC_END, 0, None, encode_sync_end)
                 return True
             try:
                 data = self.store.read(offset, length)
@@ -488,10 +487,10 @@ class Engine:
                  self.size)
         self.sync_role = None
         self.sync = None
-        if self.meta.peer_behind:
+        self.decision = Decision.IN_SYNC
+        if self.meta.peer_behind or (self.meta.primary and self.role != "primary"):
+            # The peer holds everything now; a crashed-primary mark is resolved too.
             self._persist(peer_behind=False, primary=self.role == "primary")
-        if self.meta.primary and self.role != "primary":
-            self._persist(primary=False)  # the crashed-primary mark is resolved
         if self.peer is not None:
             self.peer.disk = "up-to-date"
 
@@ -533,8 +532,6 @@ class Engine:
                     and self.decision in (Decision.IN_SYNC, Decision.TARGET))
 
     def reply(self, session: int, ident: int, error: int) -> None:
-        from protocol.replication import encode_reply
-
         with self._lock:
             if session == self.session:
                 self.service.submit(encode_reply(ident, error), session)
@@ -710,12 +707,6 @@ class Engine:
                     self._note_peer_behind()
                     self.role = "secondary"
                 self._persist(primary=False)
-
-
-def _sync_end(ident: int) -> bytes:
-    from protocol.replication import encode_sync_end
-
-    return encode_sync_end(ident)
 
 
 def _new_generation_id() -> int:

@@ -92,7 +92,9 @@ class ClientFlag(enum.IntFlag):
     C_NO_ZEROES = 1 << 1
 
 
-KNOWN_CLIENT_FLAGS = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
+# Masks used with `~` are plain ints: `~` on an IntFlag complements only within the
+# defined members, so `flags & ~SOME_FLAG` would never see an undefined bit.
+KNOWN_CLIENT_FLAGS = int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)
 SERVER_HANDSHAKE_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
 
 
@@ -210,11 +212,11 @@ SERVER_TRANSMISSION_FLAGS = (
 # FLUSH).  NO_HOLE only on WRITE_ZEROES.  DF and REQ_ONE need structured replies,
 # FAST_ZERO needs SEND_FAST_ZERO: none is negotiated, so they are EINVAL.
 _ALLOWED_FLAGS = {
-    Command.READ: CommandFlag.FUA,
-    Command.WRITE: CommandFlag.FUA,
-    Command.FLUSH: CommandFlag.FUA,
-    Command.TRIM: CommandFlag.FUA,
-    Command.WRITE_ZEROES: CommandFlag.FUA | CommandFlag.NO_HOLE,
+    Command.READ: int(CommandFlag.FUA),
+    Command.WRITE: int(CommandFlag.FUA),
+    Command.FLUSH: int(CommandFlag.FUA),
+    Command.TRIM: int(CommandFlag.FUA),
+    Command.WRITE_ZEROES: int(CommandFlag.FUA | CommandFlag.NO_HOLE),
 }
 _WRITE_COMMANDS = frozenset((Command.WRITE, Command.TRIM, Command.WRITE_ZEROES))
 

@@ -29,6 +29,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from typing import Callable, Protocol
 
 from . import nbd_protocol as nbd
@@ -42,7 +43,8 @@ log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 64
 # How long a closing connection (DISC, EOF) waits for its in-flight requests' `done`.
 DRAIN_TIMEOUT = 30.0
-# A client that does not finish the handshake in this time is dropped: it holds a thread.
+# A client that does not finish the handshake in this time (in total, not per read) is
+# dropped: it holds a thread.
 HANDSHAKE_TIMEOUT = 30.0
 # A reply that cannot be sent for this long (the client stopped reading) breaks the
 # connection instead of blocking the device thread that called `done`.
@@ -54,8 +56,11 @@ DISCARD_CHUNK = 1024 * 1024
 # Connections at once; more are refused at accept (each costs a thread).
 MAX_CONNECTIONS = 128
 LISTEN_BACKLOG = 64
-# server.close() waits this long for connection threads to finish.
+# server.close() waits this long (in all) for connection threads to finish; a thread
+# still inside a blocking device call is left behind (daemon thread) with a warning.
 CLOSE_JOIN_TIMEOUT = 5.0
+# Probing an existing socket file for a live server: a listener answers at once.
+PROBE_TIMEOUT = 1.0
 
 _MSG_WAITALL = socket.MSG_WAITALL
 _TIMEVAL = struct.Struct("@ll")
@@ -156,13 +161,14 @@ class NbdServer:
                 pass
         for conn in conns:
             conn.abort()
+        deadline = time.monotonic() + CLOSE_JOIN_TIMEOUT
         if accept_thread is not None:
             accept_thread.join(CLOSE_JOIN_TIMEOUT)
         if listener is not None:
             listener.close()
             self._remove_socket_file()
         for conn in conns:
-            conn.thread.join(CLOSE_JOIN_TIMEOUT)
+            conn.thread.join(max(0.0, deadline - time.monotonic()))
             if conn.thread.is_alive():
                 log.warning("nbd client %d: still blocked in the device after close", conn.ident)
 
@@ -230,10 +236,14 @@ def _remove_stale_socket(path: str) -> None:
     if not stat.S_ISSOCK(mode):
         raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(PROBE_TIMEOUT)
     try:
         probe.connect(path)
     except (ConnectionRefusedError, FileNotFoundError):
         pass  # stale: left by a process that died
+    except (socket.timeout, BlockingIOError):
+        # A listener with a full backlog: alive, just busy.
+        raise OSError(errno.EADDRINUSE, f"{path}: another server is listening there") from None
     else:
         raise OSError(errno.EADDRINUSE, f"{path}: another server is listening there")
     finally:
@@ -306,6 +316,7 @@ class _Connection:
         self._cond = threading.Condition(threading.Lock())
         self._in_flight = 0
         self._aborted = False
+        self._deadline = 0.0  # end of the handshake's time budget
 
     # --- thread body ------------------------------------------------------------------
 
@@ -313,7 +324,7 @@ class _Connection:
         established = False
         drain = False
         try:
-            self.sock.settimeout(HANDSHAKE_TIMEOUT)
+            self._deadline = time.monotonic() + HANDSHAKE_TIMEOUT
             if not self._handshake():
                 return
             if not self.server._established_changed(+1):
@@ -328,9 +339,10 @@ class _Connection:
             drain = True  # DISC: the spec says finish outstanding requests first
         except _ClientGone as exc:
             drain = True  # the client may only have half-closed: answer what it sent
-            if established:
-                log.debug("nbd client %d: disconnected: %s", self.ident, exc)
-            elif str(exc):
+            if established or not str(exc) or self._aborted:
+                log.debug("nbd client %d: disconnected: %s", self.ident,
+                          str(exc) or "end of stream")
+            else:
                 log.warning("nbd client %d: closing connection: handshake cut short: %s",
                             self.ident, exc)
         except _Aborted:
@@ -341,7 +353,8 @@ class _Connection:
         except NbdProtocolError as exc:
             log.warning("nbd client %d: closing connection: %s", self.ident, exc)
         except socket.timeout:
-            log.warning("nbd client %d: closing connection: handshake timed out", self.ident)
+            log.warning("nbd client %d: closing connection: handshake not finished in %g s",
+                        self.ident, HANDSHAKE_TIMEOUT)
         except OSError as exc:
             if not self._aborted:
                 log.warning("nbd client %d: closing connection: %s", self.ident, exc)
@@ -384,11 +397,18 @@ class _Connection:
     # --- handshake --------------------------------------------------------------------
 
     def _recv_exact(self, length: int, *, boundary: bool = False) -> bytes:
-        """Exactly `length` bytes.  `boundary`: EOF before the first byte is a clean end."""
+        """Handshake bytes, within the handshake's deadline.
+
+        `boundary`: EOF before the first byte is a clean end (the client just left).
+        """
         buf = bytearray(length)
         view = memoryview(buf)
         got = 0
         while got < length:
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout()
+            self.sock.settimeout(remaining)
             n = self.sock.recv_into(view[got:], length - got, _MSG_WAITALL)
             if n == 0:
                 if got == 0 and boundary:
@@ -398,12 +418,15 @@ class _Connection:
         return bytes(buf)
 
     def _send(self, data: bytes) -> None:
+        # Handshake replies are small; the timeout left by the last read bounds them.
         self.sock.sendall(data)
 
     def _handshake(self) -> bool:
         """Negotiate; True when the client entered transmission, False on ABORT."""
+        self.sock.settimeout(HANDSHAKE_TIMEOUT)
         self._send(nbd.greeting())
-        flags = nbd.parse_client_flags(self._recv_exact(nbd.CLIENT_FLAGS.size))
+        # A client that leaves before sending anything (a liveness probe) is no error.
+        flags = nbd.parse_client_flags(self._recv_exact(nbd.CLIENT_FLAGS.size, boundary=True))
         no_zeroes = bool(flags & nbd.ClientFlag.C_NO_ZEROES)
         while True:
             header = nbd.parse_option_header(
@@ -485,9 +508,10 @@ class _Connection:
         device = self.device
         size = self.size
         read_only = self.read_only
-        READ, WRITE, FLUSH = Command.READ, Command.WRITE, Command.FLUSH
-        TRIM, WRITE_ZEROES, DISC = Command.TRIM, Command.WRITE_ZEROES, Command.DISC
-        FUA, NO_HOLE = nbd.CommandFlag.FUA, nbd.CommandFlag.NO_HOLE
+        # Plain ints: comparisons with enum members cost a method call per request.
+        READ, WRITE, FLUSH = int(Command.READ), int(Command.WRITE), int(Command.FLUSH)
+        TRIM, WRITE_ZEROES, DISC = int(Command.TRIM), int(Command.WRITE_ZEROES), int(Command.DISC)
+        FUA, NO_HOLE = int(nbd.CommandFlag.FUA), int(nbd.CommandFlag.NO_HOLE)
         while True:
             got = recv_into(header, nbd.REQUEST_SIZE, _MSG_WAITALL)
             if got != nbd.REQUEST_SIZE:

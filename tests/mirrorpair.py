@@ -37,7 +37,7 @@ def mirrorctl_argv(*args: str) -> list[str]:
 class MirrorPair:
     def __init__(self, netns_pair, *, size: int = 64 << 20, protocol: str = "C",
                  resource: str = "r0", extra_resource: str = "", disk_dir: str | None = None,
-                 node_extra: dict | None = None) -> None:
+                 node_extra: dict | None = None, disk_dirs: dict | None = None) -> None:
         self.net = netns_pair
         self.size = size
         self.resource = resource
@@ -51,7 +51,7 @@ class MirrorPair:
         self.paths = {}
         for node in NODES:
             self.paths[node] = {
-                "disk": os.path.join(self.diskdir, f"{node}.img"),
+                "disk": os.path.join((disk_dirs or {}).get(node, self.diskdir), f"{node}.img"),
                 "metadata": os.path.join(self.workdir, f"{node}.meta"),
                 "nbd_socket": os.path.join(self.workdir, f"{node}.nbd"),
                 "control_socket": os.path.join(self.workdir, f"{node}.ctl"),

@@ -147,6 +147,17 @@ class _ProxyModule(types.ModuleType):
 
         self.NBD = NBD
 
+    def close(self) -> None:
+        """Stop the helper process (it would otherwise live until this one exits)."""
+        if self._proc.poll() is None:
+            self._proc.stdin.close()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc.stdout.close()
+
     def _call(self, handle_id: int, name: str, args: tuple):
         pickle.dump((handle_id, name, args), self._proc.stdin)
         self._proc.stdin.flush()
