@@ -277,3 +277,27 @@ def test_link_cut_then_full_resync(mirror_pair, tmp_path):
     assert 0 < seen["out_of_sync_bytes"] <= pair.size
     pair.wait_connected(timeout=60)
     assert_identical(pair)
+
+
+def test_two_resources_share_one_link(netns_pair_factory, tmp_path):
+    """Two resources on the same dedicated interface: the volume id keeps them apart."""
+    from mirrorpair import MirrorPair
+
+    net = netns_pair_factory(mtu=9000)
+    pairs = [MirrorPair(net, size=32 * MiB, resource=name) for name in ("r0", "r1")]
+    try:
+        for pair in pairs:
+            pair.start_all()
+            pair.promote("alpha", force=True)
+        for pair in pairs:
+            pair.wait_connected(timeout=60)
+        sources = [random_file(str(tmp_path / f"src{i}"), 32 * MiB, seed=40 + i)
+                   for i in range(2)]
+        copies = [subprocess.Popen(["nbdcopy", "--flush", src, pair.uri("alpha")])
+                  for src, pair in zip(sources, pairs)]
+        assert [c.wait(timeout=120) for c in copies] == [0, 0]
+        for src, pair in zip(sources, pairs):
+            assert files_equal(src, pair.disk("beta")), pair.logs_text()
+    finally:
+        for pair in pairs:
+            pair.close()
