@@ -59,6 +59,12 @@ class Applier:
         if mtype is MessageType.REFUSE:
             engine.on_peer_refused(session, str(message.body.get("reason", "")))
             return
+        if mtype is MessageType.BITMAP:
+            engine.on_peer_bitmap(session, message.body.get("bits"))
+            return
+        if mtype is MessageType.SYNC_BEGIN:
+            engine.on_sync_begin(session, message.body)
+            return
         if not engine.may_apply(session):
             # Not ours to write (we are primary, failed, or undecided): say so; the peer
             # treats an error as "this disk is behind" and goes on alone.

@@ -18,8 +18,12 @@ Two locks:
   only _lock and never waits on a disk while holding it, except to persist metadata.
 
 Generations (resync/generations.py): a primary that writes what the peer will not get
-first persists a new generation id (`_peer_behind`), so the next connection knows it is
-the sync source.  Until the dirty bitmap exists, a resync copies the whole disk.
+first persists a new generation id (`_note_peer_behind`), so the next connection knows
+it is the sync source.  The out-of-sync bitmap marks every block such a write touches,
+and the activity log (resync/activity_log.py) records, before any write, the extents
+that may have writes in flight: after a crash both together name every block that may
+differ (invariant 1).  A bit is cleared only when the peer confirmed the block: a resync
+chunk's REPLY (invariant 2).  A resync copies only the marked blocks of both sides.
 """
 
 from __future__ import annotations
@@ -38,10 +42,11 @@ from protocol.replication import (
     MessageError, MessageType, decode_message, encode_control, encode_flush, encode_reply,
     encode_sync_end, encode_write, encode_zeroes,
 )
-from resync.generations import NO_ID, Decision, Generation, decide
-from resync.metadata import Metadata
+from resync.activity_log import DEFAULT_CAPACITY, ActivityLog, ActivityLogFull
+from resync.generations import NO_ID, Decision, Generation, Kind, decide
+from resync.metadata import HISTORY, max_al_extents
 
-from . import metafile
+from .metafile import MetadataFileError, MetaStore
 from .backing import BackingError, BackingStore
 from .completion import Completion
 from .progress import SyncProgress
@@ -72,8 +77,10 @@ class Pending:
     """A request sent to the peer, waiting for its REPLY."""
 
     kind: MessageType
-    length: int
+    length: int  # bytes counted against MAX_UNREPLIED
     completion: Completion | None  # the client request to complete on REPLY, if any
+    offset: int = 0  # the range a WRITE or ZEROES touches (marked if the peer misses it)
+    span: int = 0
 
 
 @dataclass
@@ -83,12 +90,15 @@ class PeerView:
     disk: str = "unknown"
     generation: Generation | None = None
     size: int | None = None
+    block: int | None = None
+    dirty_bytes: int = 0
+    discard_my_data: bool = False
 
 
 class Engine:
     def __init__(self, *, resource: str, node: str, peer_node: str, protocol: str,
-                 store: BackingStore, meta: Metadata, meta_path: str,
-                 sync_rate: int | None = None,
+                 store: BackingStore, metastore: MetaStore,
+                 sync_rate: int | None = None, activity_log: bool = True,
                  on_fatal: Callable[[int, str], None] | None = None) -> None:
         self.resource = resource
         self.node = node
@@ -96,8 +106,12 @@ class Engine:
         self.protocol = protocol
         self.store = store
         self.size = store.size
-        self.meta = meta
-        self.meta_path = meta_path
+        self.metastore = metastore
+        self.meta = metastore.meta
+        self.bitmap = metastore.bitmap
+        self.crashed_primary = self.meta.primary  # it was primary when it last stopped
+        self.use_activity_log = activity_log  # False only to prove the tests would notice
+        self.al = ActivityLog(self.meta.extent, min(DEFAULT_CAPACITY, max_al_extents()))
         self.sync_rate = sync_rate
         self.on_fatal = on_fatal or (lambda code, message: None)
         self.service = None  # LinkService, attached before start
@@ -118,9 +132,15 @@ class Engine:
         self.sync_role: str | None = None  # "source" | "target" while a resync runs
         self.sync: SyncProgress | None = None
         self._pending: dict[int, Pending] = {}
+        self.resync_sent_bytes = 0  # resync data sent to the peer, since start
+        self.resync_received_bytes = 0  # resync data applied here, since start
         self._unreplied = 0
         self._sync_thread = None
+        self.sync_paused = False
+        self.discard_my_data = False  # set by `connect --discard-my-data` until used
+        self.split_brain: dict | None = None  # both sides' changes, after a refusal
         self.applier = None  # Applier, attached before start
+        self._recover()
 
     # --- wiring ---------------------------------------------------------------------
 
@@ -130,24 +150,69 @@ class Engine:
 
     # --- metadata -------------------------------------------------------------------
 
+    def _recover(self) -> None:
+        """At start: extents the activity log names may hold writes the peer lacks."""
+        extents = self.metastore.al_active_at_open
+        if not extents:
+            return
+        for extent in extents:
+            start = extent * self.meta.extent
+            if start < self.size:
+                self.bitmap.set_range(start, min(self.meta.extent, self.size - start))
+        self.metastore.flush_bitmap()
+        self.metastore.write_al([])
+        log.warning("%s: %d extent(s) of the activity log were active at the last stop: "
+                    "marked out of sync (%d bytes)", self.resource, len(extents),
+                    self.bitmap.dirty_bytes())
+
     def _persist(self, **changes) -> None:
         """Change the metadata record and make it durable before going on."""
-        meta = self.meta.with_(**changes)
-        metafile.save(self.meta_path, meta)
-        self.meta = meta
+        self.metastore.save(self.meta.with_(**changes))
+        self.meta = self.metastore.meta
 
     def _note_peer_behind(self) -> None:
         """This node is about to hold data the peer lacks: move to a new generation.
 
         Persisted before the write it precedes, so that after any crash the next
-        connection sees this node as the sync source.  Idempotent until a resync ends.
+        connection sees this node as the sync source; from here the bitmap tracks what
+        the peer lacks.  Idempotent until a resync ends.
         """
-        if self.meta.peer_behind or self.role != "primary":
+        if self.meta.bitmap != NO_ID or self.role != "primary":
             return
         new_id = _new_generation_id()
-        self._persist(peer_behind=True, previous=self.meta.current, current=new_id)
+        self._persist(bitmap=self.meta.current, current=new_id)
         log.info("%s: writing without the peer: new generation %016x (was %016x)",
-                 self.resource, new_id, self.meta.previous)
+                 self.resource, new_id, self.meta.bitmap)
+
+    def _al_begin(self, offset: int, length: int) -> None:
+        """Under _lock, before a primary's write: its extents are active on disk."""
+        if not self.use_activity_log:
+            return
+        warned = False
+        while True:
+            try:
+                added, evicted = self.al.begin(offset, length)
+                break
+            except ActivityLogFull:
+                if not warned:
+                    log.warning("%s: activity log full of busy extents: waiting",
+                                self.resource)
+                    warned = True
+                self._idle.wait(0.5)
+        if added:
+            if evicted:
+                # What the bitmap knows of those extents must be on disk before the
+                # log forgets them.
+                self.metastore.flush_bitmap()
+            self.metastore.write_al(self.al.active)
+
+    def _al_end(self, offset: int, length: int) -> None:
+        if self.use_activity_log:
+            self.al.end(offset, length)
+
+    def flush_bitmap(self) -> None:
+        with self._lock:
+            self.metastore.flush_bitmap()
 
     # --- block device (NBD) -----------------------------------------------------------
 
@@ -166,7 +231,7 @@ class Engine:
     def write(self, offset: int, data, fua: bool, done) -> None:
         view = memoryview(data)
         if len(view) <= MAX_WRITE_PIECE:
-            self._replicate(done, len(view), fua,
+            self._replicate(done, len(view), fua, offset, len(view),
                             lambda ident: encode_write(ident, offset, view, fua=fua),
                             lambda: self.store.write(offset, [view]))
             return
@@ -175,13 +240,13 @@ class Engine:
         for start in range(0, len(view), MAX_WRITE_PIECE):
             piece = view[start:start + MAX_WRITE_PIECE]
             whole.add_part()
-            self._replicate(whole.part_done, len(piece), fua,
+            self._replicate(whole.part_done, len(piece), fua, offset + start, len(piece),
                             lambda ident, o=offset + start, p=piece: encode_write(ident, o, p, fua=fua),
                             lambda o=offset + start, p=piece: self.store.write(o, [p]))
         whole.part_done(0)
 
     def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool, done) -> None:
-        self._replicate(done, 0, fua,
+        self._replicate(done, 0, fua, offset, length,
                         lambda ident: encode_zeroes(ident, offset, length, fua=fua,
                                                     may_trim=may_trim),
                         lambda: self.store.write_zeroes(offset, length, may_trim))
@@ -201,7 +266,8 @@ class Engine:
                 self._send_request(MessageType.FLUSH, 0, completion, encode_flush)
         self._finish_local(completion, None, durable=True)
 
-    def _replicate(self, done, nbytes: int, durable: bool, encode, apply_local) -> None:
+    def _replicate(self, done, nbytes: int, durable: bool, offset: int, span: int, encode,
+                   apply_local) -> None:
         """Send a write to the peer (when replicating) and apply it here, in one order."""
         if not self.writable():
             done(errno.EPERM if not self.disk_failed else errno.EIO)
@@ -214,12 +280,18 @@ class Engine:
                 if self.role != "primary":
                     completion.part_done(errno.EPERM)
                     return
-                if self.replicating:
+                self._al_begin(offset, span)
+                replicated = self.replicating
+                if replicated:
                     self._send_request(MessageType.WRITE, nbytes, completion, encode,
-                                       durable=durable)
+                                       durable=durable, offset=offset, span=span)
                 else:
                     self._note_peer_behind()
+                    self.bitmap.set_range(offset, span)
             self._finish_local(completion, apply_local, durable)
+            if not replicated:
+                with self._lock:
+                    self._al_end(offset, span)
 
     def _finish_local(self, completion: Completion, apply_local, durable: bool) -> None:
         error = 0
@@ -234,7 +306,7 @@ class Engine:
         completion.part_done(error)
 
     def _send_request(self, kind: MessageType, nbytes: int, completion: Completion | None,
-                      encode, *, durable: bool = True) -> None:
+                      encode, *, durable: bool = True, offset: int = 0, span: int = 0) -> None:
         """Under _lock, replicating: send one request; `completion` waits as the protocol says."""
         ident = next(self._ids)
         on_acked = None
@@ -246,7 +318,8 @@ class Engine:
             elif self.protocol == "B":
                 completion.add_part()
                 on_acked = completion.acked
-        self._pending[ident] = Pending(kind, nbytes, completion if waits_reply else None)
+        self._pending[ident] = Pending(kind, nbytes, completion if waits_reply else None,
+                                       offset, span)
         self._unreplied += nbytes
         self.service.submit(encode(ident), self.session, on_acked)
 
@@ -294,6 +367,10 @@ class Engine:
         elif isinstance(event, HandshakeRefused):
             log.warning("%s: refused a peer: %s", self.resource, event.reason)
 
+    def _generation(self) -> Generation:
+        return self.meta.generation(self.crashed_primary and self.role != "primary",
+                                    self.bitmap.count() > 0)
+
     def _on_connected(self, event: Connected) -> None:
         with self._lock:
             log.info("%s: connected to %s (session %08x, MTU %d)", self.resource,
@@ -302,9 +379,8 @@ class Engine:
             self.peer = PeerView(event.peer_node)
             self.refusal = None
             self.decision = None
-            self._snapshot = self.meta.generation
-            self.service.submit(encode_control(MessageType.STATE, self._state_body()),
-                                self.session)
+            self._snapshot = self._generation()
+            self._send_state()
             # From here on a primary's writes go to the peer, ordered after our STATE:
             # whatever the peer decides, it sees them after it knows who we are.
             self.replicating = self.role == "primary" and not self.disk_failed
@@ -322,18 +398,29 @@ class Engine:
             self.decision = None
             if self.sync_role is not None:
                 log.warning("%s: resync interrupted at %.1f%%", self.resource,
-                            100.0 * self.sync.done / self.sync.total if self.sync else 0)
+                            self.sync.as_dict()["percent"] if self.sync else 0.0)
+                self._flush_bitmap_quietly()
             self.sync_role = None
             self.sync = None
             if was_replicating or self.role == "primary":
                 self._note_peer_behind()
             self._complete_all_pending()
 
+    def _flush_bitmap_quietly(self) -> None:
+        try:
+            self.metastore.flush_bitmap()
+        except MetadataFileError as exc:
+            log.error("%s", exc)
+
     def _complete_all_pending(self) -> None:
-        """The peer is gone: its parts of every waiting request are over (it is behind)."""
+        """The peer is gone: what it did not confirm is marked, and the waits are over."""
         pending, self._pending = self._pending, {}
         self._unreplied = 0
         self._idle.notify_all()
+        for entry in pending.values():
+            if entry.kind is MessageType.WRITE:
+                self.bitmap.set_range(entry.offset, entry.span)
+                self._al_end(entry.offset, entry.span)
         for entry in pending.values():
             if entry.completion is not None:
                 entry.completion.part_done(0)
@@ -345,12 +432,20 @@ class Engine:
                 return
             self._unreplied -= entry.length
             self._idle.notify_all()
-            if entry.kind is MessageType.SYNC_DATA and self.sync is not None and not error:
-                self.sync.advance(entry.length)
             if error:
+                if entry.kind is MessageType.WRITE:
+                    self.bitmap.set_range(entry.offset, entry.span)
+                    self._al_end(entry.offset, entry.span)
                 self._peer_disk_failed(error)
+            elif entry.kind is MessageType.SYNC_DATA:
+                # Invariant 2: the peer has the block now.
+                self.bitmap.clear_range(entry.offset, entry.span)
+                if self.sync is not None:
+                    self.sync.advance(entry.span)
             elif entry.kind is MessageType.SYNC_END:
                 self._sync_finished_as_source()
+            elif entry.kind is MessageType.WRITE:
+                self._al_end(entry.offset, entry.span)
         if entry.completion is not None:
             entry.completion.part_done(0)  # the peer's failure is not the client's
 
@@ -377,8 +472,14 @@ class Engine:
             peer.role = str(body.get("role", "unknown"))
             peer.disk = str(body.get("disk", "unknown"))
             peer.size = body.get("size")
-            generation = Generation(int(body.get("current", 0)), int(body.get("previous", 0)),
-                                    bool(body.get("consistent")), bool(body.get("crashed_primary")))
+            peer.block = body.get("block")
+            peer.dirty_bytes = int(body.get("dirty_bytes", 0))
+            peer.discard_my_data = bool(body.get("discard_my_data"))
+            generation = Generation(
+                int(body.get("current", 0)), int(body.get("bitmap", 0)),
+                tuple(body.get("history", ())), bool(body.get("consistent")),
+                bool(body.get("crashed_primary")), int(body.get("sync_source", 0)),
+                bool(body.get("dirty")))
             first = peer.generation is None
             peer.generation = generation
             if first or self.decision is Decision.BOTH_INCONSISTENT:
@@ -392,37 +493,70 @@ class Engine:
             self._refuse(f"disk sizes differ: {self.node} has {self.size} bytes, "
                          f"{peer.node} has {peer.size}", fatal_if_secondary=True)
             return
-        if self.role == "primary" and peer.role == "primary":
-            self._refuse("both nodes are primary (split brain); demote one of them")
+        if peer.block != self.meta.block:
+            self._refuse(f"bitmap block sizes differ: {self.meta.block} here, {peer.block} "
+                         f"on {peer.node}; recreate one node's metadata")
             return
-        decision = decide(mine, peer_gen)
+        verdict = decide(mine, peer_gen)
+        decision, kind = verdict.decision, verdict.kind
+        if self.role == "primary" and peer.role == "primary" \
+                and decision is not Decision.SPLIT_BRAIN:
+            self._refuse("both nodes are primary; demote one of them")
+            return
+        if decision is Decision.SPLIT_BRAIN:
+            mine_discards = self.discard_my_data
+            if mine_discards != peer.discard_my_data:
+                decision = Decision.TARGET if mine_discards else Decision.SOURCE
+                kind = Kind.BITMAP  # both sides' marks: everything either changed
+                log.warning("%s: split brain resolved: %s discards its changes",
+                            self.resource, self.node if mine_discards else peer.node)
         if decision is Decision.TARGET and self.role == "primary":
             self._refuse(f"{peer.node} has newer data but {self.node} is primary")
             return
         if decision is Decision.SOURCE and peer.role == "primary":
             self._refuse(f"{self.node} has newer data but {peer.node} is primary")
             return
-        if decision in (Decision.SPLIT_BRAIN, Decision.UNRELATED):
-            what = "split brain: both nodes wrote while apart" \
-                if decision is Decision.SPLIT_BRAIN else "the disks share no history"
-            self._refuse(f"{what}; resolve by hand (see docs/OPERATIONS.md)")
+        if decision is Decision.SPLIT_BRAIN:
+            self._refuse(f"split brain: both nodes wrote while apart ({self.node} changed "
+                         f"{self.bitmap.dirty_bytes()} bytes, {peer.node} "
+                         f"{peer.dirty_bytes}); resolve with `mirrorctl connect "
+                         f"--discard-my-data` on the node whose changes are to be dropped",
+                         split_brain=True)
+            return
+        if decision is Decision.UNRELATED:
+            self._refuse("the disks share no history (unrelated data); recreate the "
+                         "metadata of the node to be overwritten (docs/OPERATIONS.md)")
             return
         self.decision = decision
-        log.info("%s: peer %s: %s", self.resource, peer.node, decision.value)
+        self.split_brain = None
+        log.info("%s: peer %s: %s%s (rule %d)", self.resource, peer.node, decision.value,
+                 f", {kind.value} resync" if kind is not Kind.NONE else "", verdict.rule)
         if decision is Decision.SOURCE:
-            self.replicating = self.replicating or not self.disk_failed
-            self._start_sync_source()
+            self.replicating = self.role == "primary" and not self.disk_failed
+            self.sync_role = "source"
+            self.sync = None  # until the peer's bitmap arrives
+            if kind is Kind.FULL:
+                self.bitmap.set_all()
+            self._flush_bitmap_quietly()
         elif decision is Decision.TARGET:
+            self.discard_my_data = False
             self.sync_role = "target"
-            self.sync = SyncProgress(self.size)
-            if self.meta.consistent:
-                self._persist(consistent=False)
+            self.sync = None  # until SYNC_BEGIN
+            if self.meta.consistent or self.meta.sync_source != peer_gen.current:
+                self._persist(consistent=False, sync_source=peer_gen.current)
             self._send_state()
+            bits = bytes(self.bitmap.bits)
+            self.service.submit(encode_control(MessageType.BITMAP, {"bits": bits}),
+                                self.session)
 
-    def _refuse(self, reason: str, fatal_if_secondary: bool = False) -> None:
+    def _refuse(self, reason: str, fatal_if_secondary: bool = False,
+                split_brain: bool = False) -> None:
         log.error("%s: refusing the connection with %s: %s", self.resource,
                   self.peer_node, reason)
         self.refusal = reason
+        if split_brain:
+            self.split_brain = {"this_node_bytes": self.bitmap.dirty_bytes(),
+                                "peer_bytes": self.peer.dirty_bytes if self.peer else None}
         self.want_connect = False
         self.replicating = False
         self.service.submit(encode_control(MessageType.REFUSE, {"reason": reason}), self.session)
@@ -445,13 +579,38 @@ class Engine:
 
     # --- resync -------------------------------------------------------------------------
 
-    def _start_sync_source(self) -> None:
-        from .sync_source import SyncSource  # a module of its own; imported late to avoid a cycle
+    def on_peer_bitmap(self, session: int, bits) -> None:
+        """Applier thread, sync source: merge the target's marks, then start copying."""
+        from .sync_source import SyncSource  # imported late: it imports this module's names
 
-        self.sync_role = "source"
-        self.sync = SyncProgress(self.size)
-        self._sync_thread = SyncSource(self, self.session, self.sync_rate)
-        self._sync_thread.start()
+        with self._lock:
+            if session != self.session or self.sync_role != "source":
+                return
+            if not isinstance(bits, bytes) or len(bits) != len(self.bitmap.bits):
+                log.error("%s: %s sent a bitmap of the wrong size", self.resource, self.peer_node)
+                self.service.call_soon(self._drop_connection)
+                return
+            self.bitmap.merge(bits)
+            self._flush_bitmap_quietly()
+            total = self.bitmap.dirty_bytes()
+            self.sync = SyncProgress(total)
+            self.service.submit(encode_control(MessageType.SYNC_BEGIN, {"total_bytes": total}),
+                                self.session)
+            log.info("%s: resync to %s: %d bytes marked", self.resource, self.peer_node, total)
+            self._sync_thread = SyncSource(self, self.session, self.sync_rate)
+            self._sync_thread.start()
+
+    def on_sync_begin(self, session: int, body: dict) -> None:
+        with self._lock:
+            if session == self.session and self.sync_role == "target":
+                self.sync = SyncProgress(int(body.get("total_bytes", 0)))
+
+    def sync_allowed(self, session: int) -> bool:
+        """Sync thread: go on?  (Waits while paused.)"""
+        with self._lock:
+            while self.sync_paused and session == self.session and self.sync_role == "source":
+                self._idle.wait(0.5)
+            return session == self.session and self.sync_role == "source"
 
     def send_sync_chunk(self, session: int, offset: int, length: int, last: bool) -> bool:
         """Sync thread: read and send one chunk (or SYNC_END when `last`), in write order.
@@ -479,18 +638,36 @@ class Engine:
                 if session != self.session or self.sync_role != "source":
                     return False
                 self._send_request(MessageType.SYNC_DATA, length, None,
-                                   lambda ident: encode_write(ident, offset, data, sync=True))
+                                   lambda ident: encode_write(ident, offset, data, sync=True),
+                                   offset=offset, span=length)
+                self.resync_sent_bytes += length
         return True
 
     def _sync_finished_as_source(self) -> None:
-        log.info("%s: resync to %s finished (%d bytes)", self.resource, self.peer_node,
-                 self.size)
+        left = self.bitmap.count()
+        if left:
+            # Cannot happen while the invariants hold (writes during a resync are
+            # replicated); if it does, copy again rather than declare the peer good.
+            log.error("%s: %d blocks still marked at the end of the resync: another pass",
+                      self.resource, left)
+            self.sync = None
+            from .sync_source import SyncSource
+
+            self.sync = SyncProgress(self.bitmap.dirty_bytes())
+            self._sync_thread = SyncSource(self, self.session, self.sync_rate)
+            self._sync_thread.start()
+            return
+        log.info("%s: resync to %s finished (%d bytes sent in all)", self.resource,
+                 self.peer_node, self.resync_sent_bytes)
         self.sync_role = None
         self.sync = None
         self.decision = Decision.IN_SYNC
-        if self.meta.peer_behind or (self.meta.primary and self.role != "primary"):
-            # The peer holds everything now; a crashed-primary mark is resolved too.
-            self._persist(peer_behind=False, primary=self.role == "primary")
+        self._flush_bitmap_quietly()
+        history = self.meta.history
+        if self.meta.bitmap != NO_ID:
+            history = ((self.meta.bitmap,) + tuple(history))[:HISTORY]
+        self._persist(bitmap=NO_ID, history=history, primary=self.role == "primary")
+        self.crashed_primary = False  # resolved: the peer holds everything now
         if self.peer is not None:
             self.peer.disk = "up-to-date"
 
@@ -500,8 +677,12 @@ class Engine:
             peer = self.peer
             if session != self.session or peer is None or peer.generation is None:
                 return
-            self._persist(consistent=True, current=peer.generation.current,
-                          previous=peer.generation.previous, primary=False, peer_behind=False)
+            self.bitmap.clear_all()
+            self._flush_bitmap_quietly()
+            source = peer.generation
+            self._persist(consistent=True, current=source.current, bitmap=NO_ID,
+                          history=tuple(source.history), sync_source=NO_ID, primary=False)
+            self.crashed_primary = False
             self.sync_role = None
             self.sync = None
             self.decision = Decision.IN_SYNC
@@ -510,6 +691,7 @@ class Engine:
 
     def sync_applied(self, nbytes: int) -> None:
         with self._lock:
+            self.resync_received_bytes += nbytes
             if self.sync is not None and self.sync_role == "target":
                 self.sync.advance(nbytes)
 
@@ -521,7 +703,7 @@ class Engine:
                 self.disk_failed = True
                 try:
                     self._persist(consistent=False)
-                except metafile.MetadataFileError as meta_exc:
+                except MetadataFileError as meta_exc:
                     log.error("%s", meta_exc)
                 self._send_state()
 
@@ -555,40 +737,61 @@ class Engine:
         return "connecting" if self.want_connect else "standalone"
 
     def _state_body(self) -> dict:
-        meta = self.meta
+        generation = self._generation()
         return {"role": self.role, "disk": self.disk_state(), "size": self.size,
-                "current": meta.current, "previous": meta.previous,
-                "consistent": meta.consistent and not self.disk_failed,
-                "crashed_primary": meta.primary and self.role != "primary"}
+                "block": self.meta.block, "current": generation.current,
+                "bitmap": generation.bitmap, "history": list(generation.history),
+                "consistent": generation.consistent and not self.disk_failed,
+                "crashed_primary": generation.crashed_primary,
+                "sync_source": generation.sync_source, "dirty": generation.dirty,
+                "dirty_bytes": self.bitmap.dirty_bytes(),
+                "discard_my_data": self.discard_my_data}
 
     def _send_state(self) -> None:
         if self.session is not None:
             self.service.submit(encode_control(MessageType.STATE, self._state_body()),
                                 self.session)
 
+    def _out_of_sync_map(self, cells: int = 64) -> list[int]:
+        """Percent of blocks marked in each of `cells` equal slices of the volume."""
+        bitmap = self.bitmap
+        whole = int.from_bytes(bitmap.bits, "little")
+        out = []
+        for i in range(cells):
+            first = bitmap.nbits * i // cells
+            end = bitmap.nbits * (i + 1) // cells
+            if end <= first:
+                out.append(0)
+                continue
+            marked = ((whole >> first) & ((1 << (end - first)) - 1)).bit_count()
+            out.append(round(100 * marked / (end - first)))
+        return out
+
     def status(self) -> dict:
         with self._lock:
             peer = None
             if self.peer is not None:
                 peer = {"node": self.peer.node, "role": self.peer.role, "disk": self.peer.disk}
-            if self.sync is not None:
+            out_of_sync = self.bitmap.dirty_bytes()
+            if self.sync_role == "target" and self.sync is not None:
                 out_of_sync = self.sync.left
-            elif self.meta.peer_behind or (self.peer is not None and self.peer.disk in
-                                           ("inconsistent", "failed")):
-                out_of_sync = self.size
-            else:
-                out_of_sync = 0
             status = {
                 "resource": self.resource, "node": self.node, "role": self.role,
                 "disk": self.disk_state(), "connection": self.connection_state(),
                 "peer": peer, "protocol": self.protocol, "out_of_sync_bytes": out_of_sync,
                 "sync": self.sync.as_dict() if self.sync is not None else None,
+                "sync_paused": self.sync_paused,
                 "size_bytes": self.size,
+                "out_of_sync_map": self._out_of_sync_map(),
+                "resync_sent_bytes": self.resync_sent_bytes,
+                "resync_received_bytes": self.resync_received_bytes,
                 "generation": {"current": f"{self.meta.current:016x}",
-                               "previous": f"{self.meta.previous:016x}"},
+                               "bitmap": f"{self.meta.bitmap:016x}"},
             }
             if self.refusal is not None:
                 status["refused"] = self.refusal
+            if self.split_brain is not None:
+                status["split_brain"] = self.split_brain
             return status
 
     # --- commands (control socket) ------------------------------------------------------
@@ -614,8 +817,8 @@ class Engine:
                                   "wait for a resync from an up-to-date peer, or use "
                                   "--force if this node has the only good data (its whole "
                                   "disk is then copied to the peer)")
-                self._persist(consistent=True, current=_new_generation_id(), previous=NO_ID,
-                              peer_behind=False)
+                self._persist(consistent=True, current=_new_generation_id(), bitmap=NO_ID,
+                              history=(), sync_source=NO_ID)
                 forced = True
             self._persist(primary=True)
             self.role = "primary"
@@ -627,7 +830,7 @@ class Engine:
             if not self.replicating:
                 self._note_peer_behind()
             if forced and self.peer is not None:
-                self._snapshot = self.meta.generation
+                self._snapshot = self._generation()
                 self._send_state()
                 if self.peer.generation is not None:
                     self._decide(self.peer.generation)
@@ -649,33 +852,45 @@ class Engine:
             self.role = "secondary"  # new writes are refused from here on
         with self._order:  # writes already inside finish their local part
             pass
-        deadline = time.monotonic() + ROOM_TIMEOUT
-        with self._idle:
-            while any(p.completion is not None for p in self._pending.values()):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._idle.wait(min(left, 1.0))
+        self._wait_for_peer(ROOM_TIMEOUT)
         try:
             self.store.sync()
         except BackingError as exc:
             log.error("%s", exc)
         with self._lock:
+            self._flush_bitmap_quietly()
             self._persist(primary=False)
+            self.crashed_primary = False
             self.replicating = False
             self._send_state()
         log.info("%s: %s is now secondary", self.resource, self.node)
         return f"{self.node} is now secondary"
 
-    def connect(self) -> str:
+    def _wait_for_peer(self, timeout: float) -> None:
+        """Wait (bounded) until the peer has answered every client request sent to it."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while any(p.completion is not None or p.span and p.kind is MessageType.WRITE
+                      for p in self._pending.values()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._idle.wait(min(left, 1.0))
+
+    def connect(self, discard_my_data: bool = False) -> str:
         with self._lock:
-            if self.session is not None:
+            if discard_my_data and self.role == "primary":
+                raise Refused("a primary cannot discard its data",
+                              "demote it first (mirrorctl secondary)")
+            if self.session is not None and self.peer is not None and self.decision is not None:
                 return f"already connected to {self.peer_node}"
+            self.discard_my_data = discard_my_data
             self.want_connect = True
             self.refusal = None
         service = self.service
         service.call_soon(lambda: service.conn.connect(now=service.link.clock()))
-        return f"connecting to {self.peer_node}"
+        return f"connecting to {self.peer_node}" + (
+            " (this node's changes will be discarded)" if discard_my_data else "")
 
     def disconnect(self) -> str:
         with self._lock:
@@ -687,6 +902,17 @@ class Engine:
                                                      now=service.link.clock()))
         return f"disconnected from {self.peer_node}"
 
+    def pause_sync(self) -> str:
+        with self._lock:
+            self.sync_paused = True
+        return "resync paused" if self.sync_role else "no resync running; the next one starts paused"
+
+    def resume_sync(self) -> str:
+        with self._lock:
+            self.sync_paused = False
+            self._idle.notify_all()
+        return "resync resumed"
+
     def shutdown(self) -> None:
         """Clean stop: wait briefly for requests in flight, flush, clear the primary mark."""
         with self._lock:
@@ -694,19 +920,28 @@ class Engine:
             self.role = "secondary"
         with self._order:
             pass
+        if was_primary:
+            self._wait_for_peer(5.0)
         try:
             self.store.sync()
         except BackingError as exc:
             log.error("%s", exc)
             return
-        if was_primary:
-            with self._lock:
-                if self.replicating and self._pending:
-                    # What the peer has not confirmed must be resynced next time.
+        with self._lock:
+            try:
+                if was_primary and self._pending:
+                    # Not confirmed by the peer: marked, and a resync follows next time.
                     self.role = "primary"
                     self._note_peer_behind()
                     self.role = "secondary"
-                self._persist(primary=False)
+                    self._complete_all_pending()
+                self.metastore.flush_bitmap()
+                if self.al.busy() == 0:
+                    self.metastore.write_al([])
+                if was_primary:
+                    self._persist(primary=False)
+            except MetadataFileError as exc:
+                log.error("%s", exc)
 
 
 def _new_generation_id() -> int:

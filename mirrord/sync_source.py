@@ -1,9 +1,11 @@
-"""The resync source: copies the disk to the peer chunk by chunk, throttled.
+"""The resync source: copies the marked blocks to the peer, chunk by chunk, throttled.
 
 Each chunk is read and sent under the engine's write-order lock (engine.send_sync_chunk),
 so a client write to the same region lands either before the read (and is in the chunk)
-or after it (and follows the chunk on the link): the target ends equal either way.
-Until the dirty bitmap exists, the whole disk is copied.
+or after it (and follows the chunk on the link): the target ends equal either way.  A
+block's bit is cleared when the target's REPLY confirms its chunk (engine._on_reply), so
+an interrupted resync resumes with what is still marked; the bitmap is written out
+every FLUSH_EVERY seconds for that.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+FLUSH_EVERY = 1.0  # seconds between bitmap write-outs during a resync
 
 
 class SyncSource(threading.Thread):
@@ -26,16 +29,24 @@ class SyncSource(threading.Thread):
 
     def run(self) -> None:
         engine = self.engine
-        size = engine.size
-        started = time.monotonic()
-        offset = 0
-        while offset < size:
-            length = min(CHUNK, size - offset)
+        started = last_flush = time.monotonic()
+        sent = 0
+        # One pass over the bitmap: blocks are cleared behind the cursor as the target
+        # confirms them; writes during the resync are replicated, so nothing is marked
+        # behind it.
+        for offset, length in engine.bitmap.runs(max_bytes=CHUNK):
+            if not engine.sync_allowed(self.session):
+                return
             if not engine.send_sync_chunk(self.session, offset, length, last=False):
                 return
-            offset += length
+            sent += length
+            now = time.monotonic()
+            if now - last_flush >= FLUSH_EVERY:
+                engine.flush_bitmap()
+                last_flush = now
             if self.rate:
-                ahead = offset / self.rate - (time.monotonic() - started)
+                ahead = sent / self.rate - (now - started)
                 if ahead > 0:
                     time.sleep(min(ahead, 1.0))
-        engine.send_sync_chunk(self.session, size, 0, last=True)
+        if engine.sync_allowed(self.session):
+            engine.send_sync_chunk(self.session, 0, 0, last=True)

@@ -17,6 +17,8 @@ hand the received fragments to one os.pwritev without joining them.  Control mes
     REPLY      id, length = errno          the request `id` is applied (0) or failed
     STATE      msgpack                     this node's role, disk and generation state
     REFUSE     msgpack {reason}            this node will not go on with the connection
+    BITMAP     msgpack {bits}              a resync target's out-of-sync bitmap, to merge
+    SYNC_BEGIN msgpack {total_bytes, kind} the source starts copying this much
 
 Every request (WRITE .. SYNC_END) gets exactly one REPLY once it is applied (durable when
 FUA is set, or for FLUSH and SYNC_END), whatever the replication protocol: the primary
@@ -47,6 +49,8 @@ class MessageType(enum.IntEnum):
     REPLY = 6
     STATE = 7
     REFUSE = 8
+    BITMAP = 9
+    SYNC_BEGIN = 10
 
 
 # Flags
@@ -57,9 +61,10 @@ KNOWN_FLAGS = FUA | MAY_TRIM
 # Requests the receiver must answer with a REPLY.
 REQUESTS = frozenset({MessageType.WRITE, MessageType.ZEROES, MessageType.FLUSH,
                       MessageType.SYNC_DATA, MessageType.SYNC_END})
-_CONTROL = frozenset({MessageType.STATE, MessageType.REFUSE})
+_CONTROL = frozenset({MessageType.STATE, MessageType.REFUSE, MessageType.BITMAP,
+                      MessageType.SYNC_BEGIN})
 _WITH_DATA = frozenset({MessageType.WRITE, MessageType.SYNC_DATA})
-MAX_CONTROL_BODY = 64 << 10
+MAX_CONTROL_BODY = 4 << 20  # a BITMAP of a 128 TiB volume at 4 KiB blocks
 
 
 class MessageError(ProtocolError):

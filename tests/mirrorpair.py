@@ -74,7 +74,14 @@ class MirrorPair:
 
     # --- processes ----------------------------------------------------------------
 
+    def create_md(self, node: str, *extra: str) -> None:
+        subprocess.run([sys.executable, "-m", "mirrord.create_md", "--config", self.config,
+                        "--node", node, *extra], check=True, env=ENV, cwd=REPO, timeout=30,
+                       capture_output=True)
+
     def start(self, node: str, *extra: str, wait: bool = True) -> subprocess.Popen:
+        if not os.path.exists(self.paths[node]["metadata"]):
+            self.create_md(node)
         self._starts[node] += 1
         log_path = os.path.join(self.workdir, f"{node}.{self._starts[node]}.log")
         self.logs[node] = log_path

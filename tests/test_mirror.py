@@ -254,11 +254,12 @@ def test_kill_9_of_the_secondary_during_writes(mirror_pair, tmp_path):
     assert_identical(pair)
 
 
-def test_link_cut_then_full_resync(mirror_pair, tmp_path):
-    """Writes while the link is down reach the secondary by a resync when it returns."""
-    pair = started_pair(mirror_pair, size=64 * MiB, extra_resource='sync_rate = "64M"')
+def test_link_cut_then_bitmap_resync(mirror_pair, tmp_path):
+    """Writes while the link is down reach the secondary by a resync of just those blocks."""
+    pair = started_pair(mirror_pair, size=64 * MiB, extra_resource='sync_rate = "32M"')
     first = random_file(str(tmp_path / "first"), 8 * MiB, seed=11)
     run(["nbdcopy", "--flush", first, pair.uri("alpha")])
+    sent_before = pair.status("alpha")["resync_sent_bytes"]
     pair.net.set_link(pair.ns["alpha"], False)
     for node in ("alpha", "beta"):
         pair.wait(node, lambda s: s["peer"] is None, 5, "peer lost")
@@ -266,7 +267,9 @@ def test_link_cut_then_full_resync(mirror_pair, tmp_path):
     assert status["role"] == "primary" and status["connection"] == "connecting"
     second = random_file(str(tmp_path / "second"), 16 * MiB, seed=12)
     run(["nbdcopy", "--flush", second, pair.uri("alpha")])  # the primary goes on alone
-    assert pair.status("alpha")["out_of_sync_bytes"] == pair.size
+    status = pair.status("alpha")
+    assert status["out_of_sync_bytes"] == 16 * MiB
+    assert status["out_of_sync_map"][:16] == [100] * 16 and set(status["out_of_sync_map"][16:]) == {0}
     assert not pair.disks_equal()
     pair.net.set_link(pair.ns["alpha"], True)
     syncing = pair.wait("beta", lambda s: s["connection"] == "sync-target", 10, "resync starts")
@@ -274,9 +277,12 @@ def test_link_cut_then_full_resync(mirror_pair, tmp_path):
     seen = pair.wait("alpha", lambda s: s["sync"] is not None and s["sync"]["percent"] > 0, 10,
                      "progress reported")
     assert seen["connection"] == "sync-source" and seen["sync"]["bytes_per_s"] >= 0
-    assert 0 < seen["out_of_sync_bytes"] <= pair.size
+    assert 0 < seen["out_of_sync_bytes"] < 16 * MiB
     pair.wait_connected(timeout=60)
     assert_identical(pair)
+    status = pair.status("alpha")
+    assert status["out_of_sync_bytes"] == 0
+    assert status["resync_sent_bytes"] - sent_before == 16 * MiB
 
 
 def test_two_resources_share_one_link(netns_pair_factory, tmp_path):
