@@ -65,6 +65,12 @@ class Applier:
         if mtype is MessageType.SYNC_BEGIN:
             engine.on_sync_begin(session, message.body)
             return
+        if mtype is MessageType.DIGESTS:
+            engine.on_digests(session, message.body)
+            return
+        if mtype is MessageType.DIGESTS_RESULT:
+            engine.on_digests_result(session, message.body)
+            return
         if not engine.may_apply(session):
             # Not ours to write (we are primary, failed, or undecided): say so; the peer
             # treats an error as "this disk is behind" and goes on alone.

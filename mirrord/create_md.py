@@ -38,30 +38,3 @@ def create_md(cfg: ResourceConfig, force: bool = False) -> str:
         raise CreateRefused(str(exc)) from None
     return (f"created metadata {node.metadata} for {size} bytes on {node.name}: the disk is "
             "inconsistent until a resync, or `mirrorctl primary --force`")
-
-
-def main(argv=None) -> int:
-    """Stand-alone entry (python3 -m mirrord.create_md --config F [--node N] [--force])."""
-    import argparse
-    import sys
-
-    from .config import ConfigFileError, load_config
-
-    parser = argparse.ArgumentParser(prog="mirrorctl create-md")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--node")
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        print(create_md(load_config(args.config, args.node), args.force))
-    except ConfigFileError as exc:
-        print(f"mirrorctl: {exc}", file=sys.stderr)
-        return 2
-    except CreateRefused as exc:
-        print(f"mirrorctl: refused: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

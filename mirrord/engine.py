@@ -42,6 +42,7 @@ from protocol.replication import (
     MessageError, MessageType, decode_message, encode_control, encode_flush, encode_reply,
     encode_sync_end, encode_write, encode_zeroes,
 )
+from resync.digests import block_digests, differing_blocks
 from resync.activity_log import DEFAULT_CAPACITY, ActivityLog, ActivityLogFull
 from resync.generations import NO_ID, Decision, Generation, Kind, decide
 from resync.metadata import HISTORY, max_al_extents
@@ -139,6 +140,11 @@ class Engine:
         self.sync_paused = False
         self.discard_my_data = False  # set by `connect --discard-my-data` until used
         self.split_brain: dict | None = None  # both sides' changes, after a refusal
+        self.checksum_sync = False  # this resync compares digests before copying
+        self._digests_out = 0  # DIGESTS requests without a result yet
+        self.verify: SyncProgress | None = None  # a running online verify
+        self.verify_found = 0  # blocks the running or last verify found different
+        self.verify_done: dict | None = None  # the last verify's result
         self.applier = None  # Applier, attached before start
         self._recover()
 
@@ -376,6 +382,7 @@ class Engine:
             log.info("%s: connected to %s (session %08x, MTU %d)", self.resource,
                      event.peer_node, event.session_id, event.mtu)
             self.session = event.session_id
+            self._digests_out = 0
             self.peer = PeerView(event.peer_node)
             self.refusal = None
             self.decision = None
@@ -535,6 +542,8 @@ class Engine:
             self.replicating = self.role == "primary" and not self.disk_failed
             self.sync_role = "source"
             self.sync = None  # until the peer's bitmap arrives
+            # The target holds data that may mostly match: compare digests first.
+            self.checksum_sync = kind is Kind.FULL or verdict.rule == 6
             if kind is Kind.FULL:
                 self.bitmap.set_all()
             self._flush_bitmap_quietly()
@@ -597,13 +606,150 @@ class Engine:
             self.service.submit(encode_control(MessageType.SYNC_BEGIN, {"total_bytes": total}),
                                 self.session)
             log.info("%s: resync to %s: %d bytes marked", self.resource, self.peer_node, total)
-            self._sync_thread = SyncSource(self, self.session, self.sync_rate)
+            self._sync_thread = SyncSource(self, self.session, self.sync_rate,
+                                           checksums=self.checksum_sync)
             self._sync_thread.start()
 
     def on_sync_begin(self, session: int, body: dict) -> None:
         with self._lock:
             if session == self.session and self.sync_role == "target":
                 self.sync = SyncProgress(int(body.get("total_bytes", 0)))
+
+    # --- digests: checksum resync and online verify ---------------------------------
+
+    def send_digests(self, session: int, offset: int, length: int, purpose: str) -> bool:
+        """Sync or verify thread: send the digests of a range, in write order."""
+        with self._order:
+            with self._lock:
+                if session != self.session:
+                    return False
+            try:
+                data = self.store.read(offset, length)
+            except BackingError as exc:
+                log.error("%s: %s stopped: %s", self.resource, purpose, exc)
+                return False
+            digests = block_digests(data, self.meta.block)
+            with self._lock:
+                if session != self.session:
+                    return False
+                self._digests_out += 1
+                self.service.submit(encode_control(MessageType.DIGESTS, {
+                    "offset": offset, "length": length, "digests": digests,
+                    "purpose": purpose}), session)
+                if purpose == "sync":
+                    self.resync_sent_bytes += len(digests)
+        return True
+
+    def wait_digests(self, session: int, timeout: float = 60.0) -> bool:
+        """Wait until every DIGESTS request has its result (False: session over/timeout)."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._digests_out and session == self.session:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, 0.5))
+            return session == self.session
+
+    def on_digests(self, session: int, body: dict) -> None:
+        """Applier thread (the peer's request): compare its digests with this disk's."""
+        offset, length = int(body["offset"]), int(body["length"])
+        try:
+            data = self.store.read(offset, length)
+        except BackingError as exc:
+            log.error("%s", exc)
+            differ = list(range((length + self.meta.block - 1) // self.meta.block))
+        else:
+            differ = differing_blocks(block_digests(data, self.meta.block), body["digests"])
+        with self._lock:
+            if session == self.session:
+                self.service.submit(encode_control(MessageType.DIGESTS_RESULT, {
+                    "offset": offset, "length": length, "differ": differ,
+                    "purpose": body.get("purpose")}), session)
+
+    def on_digests_result(self, session: int, body: dict) -> None:
+        """Applier thread: the peer compared a range; act on the blocks that differ."""
+        offset, length = int(body["offset"]), int(body["length"])
+        block = self.meta.block
+        differ = sorted(set(int(i) for i in body.get("differ", ())))
+        purpose = body.get("purpose")
+        copies = []
+        with self._lock:
+            if session != self.session:
+                return
+            if purpose == "verify":
+                for index in differ:
+                    self.bitmap.set_range(offset + index * block, block)
+                self.verify_found += len(differ)
+                if self.verify is not None:
+                    self.verify.advance(length)
+            elif purpose == "sync" and self.sync_role == "source":
+                # Equal blocks are confirmed: the peer holds them (invariant 2).
+                start = offset
+                for index in differ + [None]:
+                    stop = offset + index * block if index is not None else offset + length
+                    if stop > start:
+                        self.bitmap.clear_range(start, stop - start)
+                        if self.sync is not None:
+                            self.sync.advance(stop - start)
+                    if index is not None:
+                        copies.append(offset + index * block)
+                        start = stop + block
+        # Copy the differing blocks before this result counts as handled, so that the
+        # sync thread's SYNC_END follows them on the stream.
+        for run_offset, run_length in _runs_of(copies, block):
+            if not self.send_sync_chunk(session, run_offset,
+                                        min(run_length, self.size - run_offset), last=False):
+                break
+        with self._lock:
+            self._digests_out -= 1
+            self._idle.notify_all()
+
+    def start_verify(self) -> str:
+        from .sync_source import Verifier
+
+        with self._lock:
+            if self.role != "primary":
+                raise Refused("verify runs on the primary",
+                              f"run it on the primary ({self.peer_node if self.peer and self.peer.role == 'primary' else 'the node that is primary'})")
+            if self.session is None or self.decision is not Decision.IN_SYNC or self.sync_role:
+                raise Refused(f"{self.node} is not connected and in sync "
+                              f"({self.connection_state()})",
+                              "wait for the connection and any resync to finish")
+            if self.verify is not None:
+                return f"verify already running ({self.verify.as_dict()['percent']}%)"
+            self.verify = SyncProgress(self.size)
+            self.verify_found = 0
+            Verifier(self, self.session).start()
+        return "verify started: mirrorctl status shows its progress"
+
+    def verify_finished(self, session: int, completed: bool) -> None:
+        with self._lock:
+            found = self.verify_found
+            self.verify_done = {"completed": completed, "differing_blocks": found,
+                                "differing_bytes": found * self.meta.block}
+            self.verify = None
+            self._flush_bitmap_quietly()
+            if found:
+                log.warning("%s: verify found %d block(s) that differ from %s: marked out "
+                            "of sync; `mirrorctl disconnect` then `connect` resyncs them",
+                            self.resource, found, self.peer_node)
+            else:
+                log.info("%s: verify %s: no differences", self.resource,
+                         "finished" if completed else "interrupted")
+
+    def invalidate(self) -> str:
+        """This node's data is not to be trusted: get all of it from the peer."""
+        with self._lock:
+            if self.role == "primary":
+                raise Refused("a primary cannot be invalidated", "demote it first")
+            if self.session is None or self.peer is None or self.peer.disk != "up-to-date":
+                raise Refused("invalidate needs a connected peer with an up-to-date disk",
+                              "connect first (mirrorctl connect)")
+            self._persist(consistent=False, sync_source=NO_ID)
+        self.service.call_soon(self._drop_connection)
+        return (f"{self.node} invalidated: a full resync from {self.peer_node} follows "
+                "(blocks whose digests match are not copied)")
 
     def sync_allowed(self, session: int) -> bool:
         """Sync thread: go on?  (Waits while paused.)"""
@@ -781,6 +927,9 @@ class Engine:
                 "peer": peer, "protocol": self.protocol, "out_of_sync_bytes": out_of_sync,
                 "sync": self.sync.as_dict() if self.sync is not None else None,
                 "sync_paused": self.sync_paused,
+                "verify": (dict(self.verify.as_dict(), differing_blocks=self.verify_found)
+                           if self.verify is not None else None),
+                "last_verify": self.verify_done,
                 "size_bytes": self.size,
                 "out_of_sync_map": self._out_of_sync_map(),
                 "resync_sent_bytes": self.resync_sent_bytes,
@@ -790,6 +939,8 @@ class Engine:
             }
             if self.refusal is not None:
                 status["refused"] = self.refusal
+            if self.sync is not None:
+                status["sync"]["checksums"] = self.checksum_sync
             if self.split_brain is not None:
                 status["split_brain"] = self.split_brain
             return status
@@ -942,6 +1093,17 @@ class Engine:
                     self._persist(primary=False)
             except MetadataFileError as exc:
                 log.error("%s", exc)
+
+
+def _runs_of(offsets: list[int], block: int) -> list[tuple[int, int]]:
+    """Sorted block offsets -> (offset, length) runs of adjacent blocks."""
+    runs: list[list[int]] = []
+    for offset in offsets:
+        if runs and runs[-1][0] + runs[-1][1] == offset:
+            runs[-1][1] += block
+        else:
+            runs.append([offset, block])
+    return [(o, n) for o, n in runs]
 
 
 def _new_generation_id() -> int:

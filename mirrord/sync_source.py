@@ -21,11 +21,14 @@ FLUSH_EVERY = 1.0  # seconds between bitmap write-outs during a resync
 
 
 class SyncSource(threading.Thread):
-    def __init__(self, engine, session: int, rate: int | None) -> None:
+    def __init__(self, engine, session: int, rate: int | None, checksums: bool = False) -> None:
         super().__init__(name="sync-source", daemon=True)
         self.engine = engine
         self.session = session
         self.rate = rate  # bytes/s, None = as fast as the link and the peer go
+        # Send each chunk's block digests first; the peer's answer says which blocks to
+        # copy (engine.on_digests_result), the others are confirmed equal.
+        self.checksums = checksums
 
     def run(self) -> None:
         engine = self.engine
@@ -37,7 +40,10 @@ class SyncSource(threading.Thread):
         for offset, length in engine.bitmap.runs(max_bytes=CHUNK):
             if not engine.sync_allowed(self.session):
                 return
-            if not engine.send_sync_chunk(self.session, offset, length, last=False):
+            if self.checksums:
+                if not engine.send_digests(self.session, offset, length, "sync"):
+                    return
+            elif not engine.send_sync_chunk(self.session, offset, length, last=False):
                 return
             sent += length
             now = time.monotonic()
@@ -48,5 +54,28 @@ class SyncSource(threading.Thread):
                 ahead = sent / self.rate - (now - started)
                 if ahead > 0:
                     time.sleep(min(ahead, 1.0))
+        if self.checksums and not engine.wait_digests(self.session):
+            return
         if engine.sync_allowed(self.session):
             engine.send_sync_chunk(self.session, 0, 0, last=True)
+
+
+class Verifier(threading.Thread):
+    """Online verify: digests of the whole volume, chunk by chunk, compared by the peer."""
+
+    def __init__(self, engine, session: int) -> None:
+        super().__init__(name="verify", daemon=True)
+        self.engine = engine
+        self.session = session
+
+    def run(self) -> None:
+        engine = self.engine
+        completed = False
+        try:
+            for offset in range(0, engine.size, CHUNK):
+                length = min(CHUNK, engine.size - offset)
+                if not engine.send_digests(self.session, offset, length, "verify"):
+                    return
+            completed = engine.wait_digests(self.session)
+        finally:
+            engine.verify_finished(self.session, completed)

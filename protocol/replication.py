@@ -19,6 +19,11 @@ hand the received fragments to one os.pwritev without joining them.  Control mes
     REFUSE     msgpack {reason}            this node will not go on with the connection
     BITMAP     msgpack {bits}              a resync target's out-of-sync bitmap, to merge
     SYNC_BEGIN msgpack {total_bytes, kind} the source starts copying this much
+    DIGESTS    msgpack {offset, length, digests, purpose}
+                                           xxh3-64 of each bitmap block of a range: the
+                                           receiver compares with its own blocks
+    DIGESTS_RESULT msgpack {offset, length, differ, purpose}
+                                           which of those blocks differ (block numbers)
 
 Every request (WRITE .. SYNC_END) gets exactly one REPLY once it is applied (durable when
 FUA is set, or for FLUSH and SYNC_END), whatever the replication protocol: the primary
@@ -51,6 +56,8 @@ class MessageType(enum.IntEnum):
     REFUSE = 8
     BITMAP = 9
     SYNC_BEGIN = 10
+    DIGESTS = 11
+    DIGESTS_RESULT = 12
 
 
 # Flags
@@ -62,7 +69,7 @@ KNOWN_FLAGS = FUA | MAY_TRIM
 REQUESTS = frozenset({MessageType.WRITE, MessageType.ZEROES, MessageType.FLUSH,
                       MessageType.SYNC_DATA, MessageType.SYNC_END})
 _CONTROL = frozenset({MessageType.STATE, MessageType.REFUSE, MessageType.BITMAP,
-                      MessageType.SYNC_BEGIN})
+                      MessageType.SYNC_BEGIN, MessageType.DIGESTS, MessageType.DIGESTS_RESULT})
 _WITH_DATA = frozenset({MessageType.WRITE, MessageType.SYNC_DATA})
 MAX_CONTROL_BODY = 4 << 20  # a BITMAP of a 128 TiB volume at 4 KiB blocks
 

@@ -75,8 +75,8 @@ class MirrorPair:
     # --- processes ----------------------------------------------------------------
 
     def create_md(self, node: str, *extra: str) -> None:
-        subprocess.run([sys.executable, "-m", "mirrord.create_md", "--config", self.config,
-                        "--node", node, *extra], check=True, env=ENV, cwd=REPO, timeout=30,
+        subprocess.run(mirrorctl_argv("--config", self.config, "--node", node, "create-md",
+                                      *extra), check=True, env=ENV, cwd=REPO, timeout=30,
                        capture_output=True)
 
     def start(self, node: str, *extra: str, wait: bool = True) -> subprocess.Popen:

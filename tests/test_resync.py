@@ -48,6 +48,10 @@ def cut(pair):
 
 def test_bitmap_resync_of_1_percent_of_1_gib(mirror_pair):
     pair = mirror_pair(size=1 << 30)
+    chunk = os.urandom(1 << 20)
+    with open(pair.disk("alpha"), "r+b") as f:  # data on alpha: the first sync copies it all
+        for _ in range(1024):
+            f.write(chunk)
     pair.start_all()
     started = time.monotonic()
     pair.promote("alpha", force=True)
@@ -185,3 +189,39 @@ def test_corrupt_metadata_refuses_to_start_and_touches_nothing(mirror_pair):
                           capture_output=True, text=True, check=False, env=ENV, cwd=REPO,
                           timeout=20)
     assert result.returncode == 2 and "create-md" in result.stderr
+
+
+def test_checksum_resync_of_identical_volumes_sends_almost_nothing(mirror_pair, tmp_path):
+    pair = started_pair(mirror_pair, size=128 * MiB)
+    data = random_file(str(tmp_path / "d"), 128 * MiB, seed=9)
+    run(["nbdcopy", "--flush", data, pair.uri("alpha")])
+    sent_before = pair.status("alpha")["resync_sent_bytes"]
+    message = pair.ctl("beta", "invalidate").stdout
+    assert "full resync" in message
+    pair.wait("alpha", lambda s: s["resync_sent_bytes"] > sent_before, 20, "a resync ran")
+    pair.wait_connected(timeout=60)
+    sent = pair.status("alpha")["resync_sent_bytes"] - sent_before
+    # Digests only (8 bytes per 4 KiB block), no data: every block matched.
+    assert sent == pair.size // 4096 * 8, sent
+    assert_identical(pair)
+
+
+def test_verify_finds_a_block_corrupted_by_hand_and_the_resync_repairs_it(mirror_pair, tmp_path):
+    pair = started_pair(mirror_pair, size=64 * MiB)
+    data = random_file(str(tmp_path / "d"), 64 * MiB, seed=10)
+    run(["nbdcopy", "--flush", data, pair.uri("alpha")])
+    with open(pair.disk("beta"), "r+b") as f:  # a silent bit rot on the secondary
+        f.seek(40 * MiB + 12345)
+        f.write(b"\x00rot\x00")
+    refused = pair.ctl("beta", "verify", check=False)
+    assert refused.returncode == 1 and "primary" in refused.stderr
+    pair.ctl("alpha", "verify")
+    status = pair.wait("alpha", lambda s: s["verify"] is None and s["last_verify"], 30,
+                       "verify finished")
+    assert status["last_verify"]["differing_blocks"] == 1
+    assert status["out_of_sync_bytes"] == 4096
+    pair.ctl("alpha", "disconnect")
+    pair.ctl("alpha", "connect")
+    pair.wait_connected(timeout=30)
+    assert pair.status("alpha")["out_of_sync_bytes"] == 0
+    assert_identical(pair)
