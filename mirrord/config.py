@@ -16,6 +16,7 @@ backing disk, the metadata directory, the link interface); the daemon calls it a
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import socket
@@ -44,7 +45,7 @@ RATE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}  # sync_rate suff
 
 RESOURCE_KEYS = ("name", "protocol", "secret", "secret_file", "volume_id", "sync_rate",
                  "dead_peer_timeout")
-NODE_KEYS = ("interface", "disk", "metadata", "nbd_socket", "control_socket", "mac")
+NODE_KEYS = ("interface", "disk", "metadata", "nbd_socket", "control_socket", "mac", "metrics")
 NODE_PATH_KEYS = ("disk", "metadata", "nbd_socket", "control_socket")
 SOCKET_KEYS = ("nbd_socket", "control_socket")
 TOP_KEYS = ("resource", "nodes")
@@ -76,6 +77,7 @@ class NodeConfig:
     nbd_socket: str  # NBD export's unix socket (absolute path)
     control_socket: str  # control socket for mirrorctl and the OCF agent (absolute path)
     mac: bytes | None = None  # this node's link MAC (6 bytes); the peer pins it when set
+    metrics: tuple[str, int] | None = None  # (host, port) of the Prometheus endpoint, None = off
 
 
 @dataclass(frozen=True)
@@ -321,7 +323,39 @@ class _Loader:
         mac = None
         if "mac" in section:
             mac = self.mac(self.typed(section, "mac", str, where), f"{where}.mac")
-        return NodeConfig(name=name, interface=interface, mac=mac, **values)
+        metrics = None
+        if "metrics" in section:
+            metrics = self.metrics(self.typed(section, "metrics", str, where), f"{where}.metrics")
+        return NodeConfig(name=name, interface=interface, mac=mac, metrics=metrics, **values)
+
+    def metrics(self, text: str, key: str) -> tuple[str, int]:
+        """'127.0.0.1:9942', '[::1]:9942', 'localhost:9942' -> (host, port)."""
+        example = ('(like "127.0.0.1:9942", "[::1]:9942", or "0.0.0.0:9942" for every '
+                   'interface)')
+        m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^\s:\[\]]+):(\d{1,5})", text)
+        if m is None:
+            raise self.error(key, f"{text!r} is not HOST:PORT {example}")
+        bracketed = m.group(1) is not None
+        host = m.group(1) if bracketed else m.group(3)
+        port = int(m.group(2) if bracketed else m.group(4))
+        if not 1 <= port <= 65535:
+            raise self.error(key, f"{text!r}: port {port} must be from 1 to 65535")
+        if bracketed:
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise self.error(key, f"{text!r}: {host!r} is not an IPv6 address") from None
+        elif not re.fullmatch(r"\d+(\.\d+){3}", host):
+            if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*\.?",
+                                host) or len(host) > 253:
+                raise self.error(key, f"{text!r}: {host!r} is not a host name or IP address "
+                                      f"{example}")
+        else:
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise self.error(key, f"{text!r}: {host!r} is not an IPv4 address") from None
+        return host, port
 
     def mac(self, text: str, key: str) -> bytes:
         if re.fullmatch(r"[0-9A-Fa-f]{2}([:-]?)[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2}){4}", text) is None:

@@ -23,22 +23,24 @@ import threading
 
 from protocol import Connection, ConnectionConfig, ProtocolError
 
-from . import metafile
 from .applier import Applier
 from .backing import BackingStore
 from .config import ConfigFileError, check_local, load_config
 from .control import ControlRefused, ControlServer, request_arg
 from .engine import Engine, Refused
+from .events import DEFAULT_INTERVAL, KEEPALIVE, status_events
 from .faults import parse_fault_spec
 from .iface import InterfaceError
 from .link import Link
 from .link_service import LinkService
+from .metafile import MetadataFileError, MetaStore
 from .nbd_server import NbdServer
 from .process import tune_allocator
 
 log = logging.getLogger("mirrord")
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+EVENTS_INTERVAL = (0.05, 3600.0)  # the `events` request's interval: least, most (seconds)
 
 
 class StartupError(Exception):
@@ -56,13 +58,15 @@ def parse_args(argv):
                         choices=("debug", "info", "warning", "error"))
     # For tests and benchmarks only: frame faults on the link (see mirrord-link --faults).
     parser.add_argument("--faults", help=argparse.SUPPRESS)
+    # For tests only: run without the activity log, to show the crash tests notice.
+    parser.add_argument("--unsafe-no-activity-log", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 class Daemon:
     """Everything one resource runs on one node, built from its config."""
 
-    def __init__(self, cfg, faults=None) -> None:
+    def __init__(self, cfg, faults=None, activity_log: bool = True) -> None:
         self.cfg = cfg
         self.stopping = threading.Event()
         self.exit_code = EXIT_OK
@@ -73,13 +77,11 @@ class Daemon:
             raise StartupError(f"{cfg.path}: nodes.{node.name}.disk: cannot open "
                                f"{node.disk}: {exc.strerror}") from None
         try:
-            meta, created = metafile.load(node.metadata, self.store.size, node.name)
-        except metafile.MetadataFileError as exc:
+            self.metastore = MetaStore.open(node.metadata, size=self.store.size,
+                                            node=node.name, volume_id=cfg.volume_id)
+        except MetadataFileError as exc:
             self.store.close()
             raise StartupError(f"{cfg.path}: nodes.{node.name}.metadata: {exc}") from None
-        if created:
-            log.info("new metadata %s: disk inconsistent until a resync or `mirrorctl "
-                     "primary --force`", node.metadata)
         try:
             self.link = Link(node.interface, faults=faults)
         except InterfaceError as exc:
@@ -98,8 +100,8 @@ class Daemon:
         self.link.add(conn)
         self.engine = Engine(
             resource=cfg.name, node=node.name, peer_node=cfg.peer.name,
-            protocol=cfg.protocol, store=self.store, meta=meta, meta_path=node.metadata,
-            sync_rate=cfg.sync_rate, on_fatal=self._fatal)
+            protocol=cfg.protocol, store=self.store, metastore=self.metastore,
+            sync_rate=cfg.sync_rate, activity_log=activity_log, on_fatal=self._fatal)
         self.service = LinkService(self.link, conn, self.engine.on_event)
         self.applier = Applier(self.engine)
         self.engine.attach(self.service, self.applier)
@@ -107,6 +109,11 @@ class Daemon:
                              description=f"mirrord resource {cfg.name} on {node.name}")
         self.engine.nbd = self.nbd
         self.control = ControlServer(node.control_socket, self._handle_control)
+        self.metrics = None
+        if node.metrics is not None:
+            from .metrics import MetricsServer  # prometheus-client: only when configured
+            self.metrics = MetricsServer(node.metrics, self.engine.status, self._link_counters,
+                                         resource=cfg.name, node=node.name)
 
     def _fatal(self, code: int, message: str) -> None:
         log.error("stopping: %s", message)
@@ -114,18 +121,45 @@ class Daemon:
             self.exit_code = code
         self.stopping.set()
 
-    def _handle_control(self, request: dict) -> dict:
+    def _link_counters(self) -> dict[str, dict]:
+        """The link's counters, for the metrics: the connection's (protocol/counters.py),
+        the demultiplexer's and the socket's."""
+        return {"connection": self.service.conn.counters.as_dict(),
+                "link": dict(self.link.counters), "socket": dict(self.link.socket.counters)}
+
+    def _handle_control(self, request: dict):
         engine = self.engine
         command = request.get("command")
         try:
             if command == "status":
                 return {"ok": True, "status": engine.status()}
+            if command == "events":
+                # A stream (mirrord/events.py): one line per change until the daemon
+                # stops; the keepalive lets the control server notice a client that left.
+                interval = request.get("interval", DEFAULT_INTERVAL)
+                low, high = EVENTS_INTERVAL
+                if (isinstance(interval, bool) or not isinstance(interval, (int, float))
+                        or not low <= interval <= high):
+                    raise ControlRefused(f"events: interval must be a number of seconds "
+                                         f"from {low:g} to {high:g}, not {interval!r}",
+                                         'e.g. {"command": "events", "interval": 0.5}')
+                return status_events(engine.status, interval=float(interval),
+                                     stop=self.stopping, keepalive=KEEPALIVE)
             if command == "primary":
                 return {"ok": True, "message": engine.promote(request_arg(request, "force", bool, False))}
             if command == "secondary":
                 return {"ok": True, "message": engine.demote()}
             if command == "connect":
-                return {"ok": True, "message": engine.connect()}
+                return {"ok": True, "message": engine.connect(
+                    request_arg(request, "discard_my_data", bool, False))}
+            if command == "verify":
+                return {"ok": True, "message": engine.start_verify()}
+            if command == "invalidate":
+                return {"ok": True, "message": engine.invalidate()}
+            if command == "pause-sync":
+                return {"ok": True, "message": engine.pause_sync()}
+            if command == "resume-sync":
+                return {"ok": True, "message": engine.resume_sync()}
             if command == "disconnect":
                 return {"ok": True, "message": engine.disconnect()}
         except Refused as exc:
@@ -145,6 +179,8 @@ class Daemon:
             self.exit_code = EXIT_CONFIG
             self.stopping.set()
         else:
+            self._start_metrics()
+        if not self.stopping.is_set():
             meta = self.engine.meta
             log.info("%s on %s: started: disk %s, %d bytes, link %s (MTU %d), protocol %s",
                      cfg.name, cfg.node.name, self.engine.disk_state(), self.store.size,
@@ -159,14 +195,36 @@ class Daemon:
         self.stop()
         return self.exit_code
 
+    def _start_metrics(self) -> None:
+        if self.metrics is None:
+            return
+        try:
+            self.metrics.start()
+        except OSError as exc:
+            host, port = self.cfg.node.metrics
+            log.error("%s: nodes.%s.metrics: cannot listen on %s: %s", self.cfg.path,
+                      self.cfg.node.name, _host_port(host, port), exc.strerror or exc)
+            self.exit_code = EXIT_CONFIG
+            self.stopping.set()
+        else:
+            log.info("%s: metrics at http://%s/metrics", self.cfg.name,
+                     _host_port(*self.metrics.address))
+
     def stop(self) -> None:
         log.info("%s: stopping", self.cfg.name)
         self.nbd.close()
         self.control.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.engine.shutdown()
         self.applier.stop()
         self.service.stop()
         self.store.close()
+        self.metastore.close()
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def main(argv=None) -> int:
@@ -188,7 +246,7 @@ def main(argv=None) -> int:
         return EXIT_CONFIG
     tune_allocator()
     try:
-        daemon = Daemon(cfg, faults)
+        daemon = Daemon(cfg, faults, activity_log=not args.unsafe_no_activity_log)
     except StartupError as exc:
         print(f"mirrord: {exc}", file=sys.stderr)
         return EXIT_CONFIG

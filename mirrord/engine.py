@@ -138,6 +138,7 @@ class Engine:
         self._unreplied = 0
         self._sync_thread = None
         self.sync_paused = False
+        self.last_app_write: float | None = None  # monotonic time of the last client write
         self.discard_my_data = False  # set by `connect --discard-my-data` until used
         self.split_brain: dict | None = None  # both sides' changes, after a refusal
         self.checksum_sync = False  # this resync compares digests before copying
@@ -279,6 +280,7 @@ class Engine:
             done(errno.EPERM if not self.disk_failed else errno.EIO)
             return
         completion = Completion(done)
+        self.last_app_write = time.monotonic()  # the resync yields to the application
         with self._order:
             if self.replicating:
                 self._wait_for_room(nbytes)

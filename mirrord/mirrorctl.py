@@ -4,10 +4,16 @@
     mirrorctl --config /etc/mirrord/r0.toml status --json
     mirrorctl --config /etc/mirrord/r0.toml primary [--force]
     mirrorctl --socket /run/mirrord/r0.ctl secondary | connect | disconnect
+    mirrorctl --config /etc/mirrord/r0.toml events [--interval S] [--count N]
+    mirrorctl --config /etc/mirrord/r0.toml watch [--interval S] [--count N]
 
 The daemon is found through its control socket: the one this node's section of the
 config names (this node: --node, else the hostname), or --socket PATH.  Every request
 is one JSON line on that socket (mirrord/control.py); the OCF agent uses the same.
+
+`events` prints the daemon's state changes as JSON lines (mirrord/events.py) until
+Ctrl-C, --count lines or the daemon stops; `watch` shows the state and the resync live
+(mirrord/watch.py).  Both exit 0 on Ctrl-C and 3 when the daemon goes away.
 
 Exit codes:
   0  done
@@ -25,7 +31,7 @@ import os
 import sys
 
 from .config import ConfigFileError, load_config
-from .control import DEFAULT_TIMEOUT, ControlClient, ControlUnavailable
+from .control import DEFAULT_TIMEOUT, MAX_REPLY, ControlClient, ControlUnavailable
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
@@ -38,6 +44,9 @@ exit codes:
 """
 
 ACTIONS = ("primary", "secondary", "connect", "disconnect")
+WATCH_INTERVAL = 0.5  # seconds between two screens of `watch`, by default
+INTERVAL_RANGE = (0.05, 3600.0)  # --interval: least, most (the daemon checks the same)
+STREAM_IDLE_TIMEOUT = 15.0  # `events`: the daemon sends a keepalive line every 5 s
 
 
 class UsageError(Exception):
@@ -75,6 +84,16 @@ def parser() -> argparse.ArgumentParser:
         "secondary": "become secondary (closes the export for writes)",
         "connect": "connect to the peer over the replication link",
         "disconnect": "drop the replication link (writes go on locally, marked out of sync)",
+        "events": "print state changes and resync progress as JSON lines, as they happen",
+        "watch": "show the state and resync progress live (plain blocks if not a terminal)",
+        "verify": "online verify (on the primary): compare block digests with the peer; "
+                  "differing blocks are marked out of sync",
+        "invalidate": "(on a secondary) distrust this disk: full resync from the peer, "
+                      "copying only blocks whose digests differ",
+        "pause-sync": "pause the running (or next) resync",
+        "resume-sync": "resume a paused resync",
+        "create-md": "write fresh metadata for this node's disk (before the first start; "
+                     "needs --config, and mirrord stopped)",
     }
     for name, text in helps.items():
         s = sub.add_parser(name, help=text, description=text, epilog=EPILOG,
@@ -86,6 +105,22 @@ def parser() -> argparse.ArgumentParser:
         if name == "primary":
             s.add_argument("--force", action="store_true",
                            help="promote even an outdated or inconsistent disk (data loss risk)")
+        if name == "connect":
+            s.add_argument("--discard-my-data", action="store_true",
+                           help="after a split brain: this node's changes are dropped and "
+                                "it is resynced from the peer")
+        if name == "create-md":
+            s.add_argument("--force", action="store_true",
+                           help="overwrite existing metadata (the node forgets its state)")
+        if name in ("events", "watch"):
+            default = 0.5 if name == "events" else WATCH_INTERVAL
+            s.add_argument("--interval", metavar="SECONDS", type=float, default=default,
+                           help=("poll the state this often; progress lines come this often "
+                                 if name == "events" else "redraw this often ")
+                           + f"(default {default:g})")
+            s.add_argument("--count", metavar="N", type=int, default=None,
+                           help="stop after N lines" if name == "events"
+                           else "stop after N screens (default: until Ctrl-C)")
     return p
 
 
@@ -124,13 +159,29 @@ def _main(argv) -> int:
         timeout = getattr(args, "timeout", DEFAULT_TIMEOUT)
         if not timeout > 0:
             raise UsageError("--timeout must be a positive number of seconds")
+        if args.command in ("events", "watch"):
+            low, high = INTERVAL_RANGE
+            if not low <= args.interval <= high:
+                raise UsageError(f"--interval must be from {low:g} to {high:g} seconds")
+            if args.count is not None and args.count < 1:
+                raise UsageError("--count must be at least 1")
+        if args.command == "create-md":
+            return _create_md(args)
         path, resource = resolve_target(args)
     except UsageError as err:
         return _fail(EXIT_USAGE, str(err))
     except ConfigFileError as err:
         return _fail(EXIT_USAGE, str(err))
 
+    if args.command == "watch":
+        from . import watch
+        return watch.run(path, interval=args.interval, timeout=timeout, count=args.count)
+    if args.command == "events":
+        return _events(path, resource, timeout, args.interval, args.count)
+
     request = {"force": args.force} if args.command == "primary" else {}
+    if args.command == "connect" and args.discard_my_data:
+        request = {"discard_my_data": True}
     try:
         with ControlClient(path, timeout=timeout) as client:
             response = client.request(args.command, **request)
@@ -156,6 +207,87 @@ def _main(argv) -> int:
     else:
         print(response.get("message") or f"{args.command}: done")
     return EXIT_OK
+
+
+def _create_md(args) -> int:
+    """`mirrorctl create-md`: local, like drbdadm create-md (the daemon must be stopped)."""
+    from .create_md import CreateRefused, create_md
+
+    if getattr(args, "config", None) is None:
+        raise UsageError("create-md needs --config FILE (it reads the disk and metadata paths)")
+    cfg = load_config(args.config, getattr(args, "node", None))
+    try:
+        print(create_md(cfg, force=args.force))
+    except CreateRefused as err:
+        print(f"mirrorctl: refused: {err}", file=sys.stderr)
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
+def _events(path: str, resource: str | None, timeout: float, interval: float,
+            count: int | None) -> int:
+    """`mirrorctl events`: one JSON object per line on stdout, flushed at once."""
+    printed = 0
+    try:
+        with ControlClient(path, timeout=timeout) as client:
+            for event in _stream(client, "events", interval=interval):
+                if not event["ok"]:
+                    print(f"mirrorctl: refused: {event.get('error') or 'no reason given'}",
+                          file=sys.stderr)
+                    if event.get("hint"):
+                        print(f"  what to do: {event['hint']}", file=sys.stderr)
+                    return EXIT_REFUSED
+                if event.get("type") == "keepalive":
+                    continue  # only there to tell a live reader from a gone one
+                event = {k: v for k, v in event.items() if k != "ok"}
+                sys.stdout.write(json.dumps(event) + "\n")
+                sys.stdout.flush()
+                printed += 1
+                if count is not None and printed >= count:
+                    return EXIT_OK
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except ControlUnavailable as err:
+        if printed:
+            return _fail(EXIT_UNREACHABLE, f"events: {err}")
+        unit = f"mirrord@{resource}" if resource else "mirrord@<resource>"
+        return _fail(EXIT_UNREACHABLE, f"{err} (check `systemctl status {unit}`)")
+    raise AssertionError("unreachable: the stream ends with ControlUnavailable")
+
+
+def _stream(client: ControlClient, command: str, **args):
+    """The response lines of a streaming request, until the daemon closes the connection
+    (then ControlUnavailable).  The first line comes through ControlClient.request (its
+    connect and reply checks); the next ones from the same connection, each within
+    STREAM_IDLE_TIMEOUT (the daemon's keepalive lines keep a quiet stream alive)."""
+    yield client.request(command, **args)
+    sock, reader = client._sock, client._reader  # the connection request() opened
+    if sock is None:  # request() closed it: its reply was the whole answer
+        raise ControlUnavailable(client.path, f"control socket {client.path}: the daemon "
+                                              f"closed the stream (mirrord stopped?)")
+    sock.settimeout(max(client.timeout, STREAM_IDLE_TIMEOUT))
+    while True:
+        try:
+            line = reader.readline(MAX_REPLY + 1)
+        except TimeoutError:
+            raise ControlUnavailable(client.path, f"control socket {client.path}: nothing "
+                                     f"for {sock.gettimeout():g} s (the daemon may be stuck)"
+                                     ) from None
+        except OSError as err:
+            raise ControlUnavailable(client.path, f"control socket {client.path}: connection "
+                                     f"lost: {err.strerror or err}") from None
+        if not line:
+            raise ControlUnavailable(client.path, f"control socket {client.path}: the daemon "
+                                                  f"closed the stream (mirrord stopped?)")
+        try:
+            event = json.loads(line)
+        except ValueError:
+            event = None
+        if not line.endswith(b"\n") or not isinstance(event, dict) \
+                or not isinstance(event.get("ok"), bool):
+            raise ControlUnavailable(client.path, f"control socket {client.path}: unexpected "
+                                                  f"line (not from mirrord?): {line[:80]!r}")
+        yield event
 
 
 def _fail(code: int, line: str) -> int:

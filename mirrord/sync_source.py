@@ -14,6 +14,8 @@ import logging
 import threading
 import time
 
+from resync.rate import RateController
+
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
@@ -32,28 +34,27 @@ class SyncSource(threading.Thread):
 
     def run(self) -> None:
         engine = self.engine
-        started = last_flush = time.monotonic()
-        sent = 0
+        last_flush = time.monotonic()
+        # At most the configured rate; slower while the application writes.
+        controller = RateController(self.rate)
         # One pass over the bitmap: blocks are cleared behind the cursor as the target
         # confirms them; writes during the resync are replicated, so nothing is marked
         # behind it.
         for offset, length in engine.bitmap.runs(max_bytes=CHUNK):
             if not engine.sync_allowed(self.session):
                 return
+            wait = controller.delay(time.monotonic(), length, engine.last_app_write)
+            if wait > 0:
+                time.sleep(min(wait, 1.0))
             if self.checksums:
                 if not engine.send_digests(self.session, offset, length, "sync"):
                     return
             elif not engine.send_sync_chunk(self.session, offset, length, last=False):
                 return
-            sent += length
             now = time.monotonic()
             if now - last_flush >= FLUSH_EVERY:
                 engine.flush_bitmap()
                 last_flush = now
-            if self.rate:
-                ahead = sent / self.rate - (now - started)
-                if ahead > 0:
-                    time.sleep(min(ahead, 1.0))
         if self.checksums and not engine.wait_digests(self.session):
             return
         if engine.sync_allowed(self.session):

@@ -34,6 +34,8 @@ def test_a_secondary_that_cannot_write_is_marked_failed_and_the_primary_goes_on(
         mirror_pair, tmp_path):
     with small_tmpfs("8M") as small:
         pair = mirror_pair(size=32 * MiB, disk_dirs={"beta": small})
+        with open(pair.disk("alpha"), "r+b") as f:  # data to copy (zeros would match)
+            f.write(os.urandom(32 * MiB))
         pair.start_all()
         pair.promote("alpha", force=True)
         # The initial sync writes the whole volume to beta: it runs out of space.

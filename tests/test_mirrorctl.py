@@ -204,6 +204,11 @@ def test_handler_crash_is_a_refusal_not_a_traceback(daemon, caplog):
     (["--socket", "/x.ctl", "status", "--bogus"], ["--bogus"]),
     (["--socket", "/x.ctl", "--timeout", "soon", "status"], ["--timeout"]),
     (["--socket", "/x.ctl", "--timeout", "0", "status"], ["--timeout"]),
+    (["--socket", "/x.ctl", "events", "--interval", "0"], ["--interval"]),
+    (["--socket", "/x.ctl", "events", "--interval", "soon"], ["--interval"]),
+    (["--socket", "/x.ctl", "events", "--count", "0"], ["--count"]),
+    (["--socket", "/x.ctl", "watch", "--interval", "1e9"], ["--interval"]),
+    (["--socket", "/x.ctl", "watch", "--count", "-1"], ["--count"]),
 ])
 def test_usage_errors(args, words):
     proc = mirrorctl(*args)
@@ -473,3 +478,73 @@ def test_format_status_tolerates_junk():
     text = format_status({"peer": "beta", "sync": {"percent": "x"}, "out_of_sync_bytes": None})
     assert text.splitlines() == ["? on ?: ?, disk ?, ?, protocol ?", "  peer: unknown",
                                  "  out of sync: ?", "  sync: ?% at ?/s, eta unknown"]
+
+
+# -- events and watch -------------------------------------------------------------------
+
+def test_events_prints_each_line_without_ok_and_skips_keepalives(daemon):
+    daemon.replies["events"] = None
+
+    def handle(request):
+        if request["command"] == "events":
+            daemon.requests.append(request)
+            return iter([{"type": "exists", "time": "T", "status": CONNECTED},
+                         {"type": "keepalive", "time": "T"},
+                         {"type": "change", "time": "T", "changed": {"role": ["a", "b"]},
+                          "status": CONNECTED}])
+        return Daemon.handle(daemon, request)
+    daemon.server.handler = handle
+    proc = mirrorctl("--socket", daemon.path, "events", "--count", "2")
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert lines == [{"type": "exists", "time": "T", "status": CONNECTED},
+                     {"type": "change", "time": "T", "changed": {"role": ["a", "b"]},
+                      "status": CONNECTED}]
+    assert daemon.requests == [{"command": "events", "interval": 0.5}]
+
+
+def test_events_daemon_closing_the_stream_exits_3(daemon):
+    def handle(request):
+        if request["command"] == "events":
+            def stream():
+                yield {"type": "exists", "time": "T", "status": CONNECTED}
+                threading.Timer(0.2, daemon.server.close).start()  # the daemon stops
+            return stream()
+        return Daemon.handle(daemon, request)
+    daemon.server.handler = handle
+    proc = mirrorctl("--socket", daemon.path, "events")
+    assert proc.returncode == 3
+    assert json.loads(proc.stdout)["type"] == "exists"
+    line = one_line(proc.stderr)
+    assert daemon.path in line and "closed the stream" in line
+
+
+def test_events_refused_by_a_daemon_without_it(daemon):
+    proc = mirrorctl("--socket", daemon.path, "events")  # the canned daemon knows no events
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "unknown command 'events'" in proc.stderr
+
+
+def test_events_error_in_the_middle_of_the_stream_exits_1(daemon):
+    def handle(request):
+        def stream():
+            yield {"type": "exists", "time": "T", "status": CONNECTED}
+            raise RuntimeError("engine exploded")
+        return stream()
+    daemon.server.handler = handle
+    proc = mirrorctl("--socket", daemon.path, "events")
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["type"] == "exists"
+    assert "internal error: engine exploded" in proc.stderr
+
+
+def test_events_no_daemon_exits_3(sockdir):
+    proc = mirrorctl("--socket", os.path.join(sockdir, "absent.ctl"), "events")
+    assert proc.returncode == 3 and "may not be running" in one_line(proc.stderr)
+
+
+def test_watch_plain_once(daemon):
+    daemon.replies["status"] = {"ok": True, "status": SYNCING}
+    proc = mirrorctl("--socket", daemon.path, "watch", "--count", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[1:] == format_status(SYNCING).splitlines() + [""]

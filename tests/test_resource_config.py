@@ -126,6 +126,19 @@ def test_every_option_round_trips(write):
     assert "s3cret" not in repr(cfg)  # a logged config does not leak the secret
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("127.0.0.1:9942", ("127.0.0.1", 9942)), ("0.0.0.0:1", ("0.0.0.0", 1)),
+    ("[::1]:9942", ("::1", 9942)), ("[fe80::1]:65535", ("fe80::1", 65535)),
+    ("localhost:9942", ("localhost", 9942)), ("mon.example.org:80", ("mon.example.org", 80)),
+])
+def test_metrics_address(write, text, expected):
+    doc = good_doc()
+    doc["nodes"]["alpha"]["metrics"] = text
+    cfg = load_config(write(doc), "alpha")
+    assert cfg.node.metrics == expected
+    assert cfg.peer.metrics is None  # optional, per node
+
+
 @pytest.mark.parametrize("value, expected", [
     ("1024", 1024), ("500K", 500 << 10), ("200M", 200 << 20), ("1G", 1 << 30),
     ("1.5G", 3 << 29), ("200MiB", 200 << 20), ("64k", 64 << 10), (4096, 4096),
@@ -186,15 +199,17 @@ def test_example_config_loads():
 def test_example_config_optional_lines_are_valid(tmp_path):
     """Uncommenting the example's `# key = value` lines must give a valid file."""
     text = open(EXAMPLE).read()
-    uncommented = re.sub(r"^# ((secret|volume_id|sync_rate|dead_peer_timeout|mac) = .*)$",
-                         r"\1", text, flags=re.M)
-    assert uncommented.count("\nmac = ") == 2
+    uncommented = re.sub(
+        r"^# ((secret|volume_id|sync_rate|dead_peer_timeout|mac|metrics) = .*)$",
+        r"\1", text, flags=re.M)
+    assert uncommented.count("\nmac = ") == 2 and uncommented.count("\nmetrics = ") == 2
     # secret and secret_file are exclusive: keep the inline one.
     path = tmp_path / "r0.toml"
     path.write_text(uncommented)
     cfg = load_config(str(path), "alpha")
     assert cfg.secret and cfg.volume_id == 7 and cfg.sync_rate == 200 << 20
     assert cfg.node.mac and cfg.peer.mac and cfg.dead_peer_timeout == 2.0
+    assert cfg.node.metrics == ("127.0.0.1", 9942) == cfg.peer.metrics
 
 
 # -- file-level errors ------------------------------------------------------------------
@@ -314,6 +329,24 @@ CASES = [
     ("relative metadata", _set("nodes.beta", "metadata", "m"), "nodes.beta.metadata", ["absolute"]),
     ("socket path too long", _set("nodes.alpha", "control_socket", "/run/" + "x" * 110),
      "nodes.alpha.control_socket", ["107"]),
+    ("metrics without a port", _set("nodes.alpha", "metrics", "127.0.0.1"),
+     "nodes.alpha.metrics", ["HOST:PORT", "127.0.0.1:9942"]),
+    ("metrics without a host", _set("nodes.beta", "metrics", ":9942"), "nodes.beta.metrics",
+     ["HOST:PORT", "0.0.0.0:9942"]),
+    ("metrics a number", _set("nodes.alpha", "metrics", 9942), "nodes.alpha.metrics",
+     ["string", "integer"]),
+    ("metrics port 0", _set("nodes.alpha", "metrics", "127.0.0.1:0"), "nodes.alpha.metrics",
+     ["1 to 65535"]),
+    ("metrics port too big", _set("nodes.alpha", "metrics", "127.0.0.1:65536"),
+     "nodes.alpha.metrics", ["1 to 65535"]),
+    ("metrics bad IPv4", _set("nodes.alpha", "metrics", "300.0.0.1:9942"),
+     "nodes.alpha.metrics", ["IPv4"]),
+    ("metrics bare IPv6", _set("nodes.alpha", "metrics", "::1:9942"), "nodes.alpha.metrics",
+     ["HOST:PORT", "[::1]:9942"]),
+    ("metrics a URL", _set("nodes.alpha", "metrics", "http://127.0.0.1:9942"),
+     "nodes.alpha.metrics", ["HOST:PORT"]),
+    ("metrics bad host name", _set("nodes.alpha", "metrics", "-box:9942"),
+     "nodes.alpha.metrics", ["host name"]),
 ]
 
 
