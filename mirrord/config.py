@@ -44,7 +44,10 @@ SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
 RATE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}  # sync_rate suffixes
 
 RESOURCE_KEYS = ("name", "protocol", "secret", "secret_file", "volume_id", "sync_rate",
-                 "dead_peer_timeout")
+                 "dead_peer_timeout", "after_split_brain")
+# What to do when both nodes wrote while apart (DRBD's after-sb-0pri, for secondaries):
+# "disconnect" leaves it to the operator; the others pick the node whose changes go.
+SPLIT_BRAIN_POLICIES = ("disconnect", "discard-zero-changes", "discard-least-changes")
 NODE_KEYS = ("interface", "disk", "metadata", "nbd_socket", "control_socket", "mac", "metrics")
 NODE_PATH_KEYS = ("disk", "metadata", "nbd_socket", "control_socket")
 SOCKET_KEYS = ("nbd_socket", "control_socket")
@@ -96,6 +99,7 @@ class ResourceConfig:
     node: NodeConfig  # this box
     peer: NodeConfig  # the other box
     nodes: dict[str, NodeConfig]  # both, by name
+    after_split_brain: str = "disconnect"  # one of SPLIT_BRAIN_POLICIES
 
 
 def default_volume_id(name: str) -> int:
@@ -167,6 +171,7 @@ class _Loader:
         volume_id = self.volume_id(resource, name)
         sync_rate = self.sync_rate(resource)
         dead_peer_timeout = self.dead_peer_timeout(resource)
+        after_split_brain = self.after_split_brain(resource)
 
         nodes = self.nodes(self.typed(doc, "nodes", dict))
         this = self.pick_node(nodes, node)
@@ -174,7 +179,7 @@ class _Loader:
         return ResourceConfig(
             path=self.path, name=name, protocol=protocol, secret=secret, volume_id=volume_id,
             sync_rate=sync_rate, dead_peer_timeout=dead_peer_timeout, node=this, peer=peer,
-            nodes=nodes,
+            nodes=nodes, after_split_brain=after_split_brain,
         )
 
     # -- generic checks -------------------------------------------------------------
@@ -210,6 +215,15 @@ class _Loader:
             raise self.error("resource.name",
                              f"{name!r} must be 1 to 64 characters of A-Z a-z 0-9 _ . -")
         return name
+
+    def after_split_brain(self, resource: dict) -> str:
+        if "after_split_brain" not in resource:
+            return "disconnect"
+        value = self.typed(resource, "after_split_brain", str, "resource")
+        if value not in SPLIT_BRAIN_POLICIES:
+            raise self.error("resource.after_split_brain",
+                             f"{value!r} must be one of {', '.join(SPLIT_BRAIN_POLICIES)}")
+        return value
 
     def protocol(self, resource: dict) -> str:
         if "protocol" not in resource:

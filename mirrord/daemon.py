@@ -101,7 +101,8 @@ class Daemon:
         self.engine = Engine(
             resource=cfg.name, node=node.name, peer_node=cfg.peer.name,
             protocol=cfg.protocol, store=self.store, metastore=self.metastore,
-            sync_rate=cfg.sync_rate, activity_log=activity_log, on_fatal=self._fatal)
+            sync_rate=cfg.sync_rate, activity_log=activity_log,
+            after_split_brain=cfg.after_split_brain, on_fatal=self._fatal)
         self.service = LinkService(self.link, conn, self.engine.on_event)
         self.applier = Applier(self.engine)
         self.engine.attach(self.service, self.applier)

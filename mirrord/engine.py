@@ -100,6 +100,7 @@ class Engine:
     def __init__(self, *, resource: str, node: str, peer_node: str, protocol: str,
                  store: BackingStore, metastore: MetaStore,
                  sync_rate: int | None = None, activity_log: bool = True,
+                 after_split_brain: str = "disconnect",
                  on_fatal: Callable[[int, str], None] | None = None) -> None:
         self.resource = resource
         self.node = node
@@ -114,6 +115,7 @@ class Engine:
         self.use_activity_log = activity_log  # False only to prove the tests would notice
         self.al = ActivityLog(self.meta.extent, min(DEFAULT_CAPACITY, max_al_extents()))
         self.sync_rate = sync_rate
+        self.after_split_brain = after_split_brain
         self.on_fatal = on_fatal or (lambda code, message: None)
         self.service = None  # LinkService, attached before start
         self.nbd = None  # NbdServer, for the client count (demotion refuses while open)
@@ -128,6 +130,7 @@ class Engine:
         self.peer: PeerView | None = None
         self.refusal: str | None = None  # why the last connection was refused
         self._snapshot: Generation | None = None  # what we told the peer at connect
+        self._snapshot_dirty = 0  # and how many bytes our bitmap marked then
         self.decision: Decision | None = None
         self.replicating = False  # writes go to the peer
         self.sync_role: str | None = None  # "source" | "target" while a resync runs
@@ -389,6 +392,7 @@ class Engine:
             self.refusal = None
             self.decision = None
             self._snapshot = self._generation()
+            self._snapshot_dirty = self.bitmap.dirty_bytes()
             self._send_state()
             # From here on a primary's writes go to the peer, ordered after our STATE:
             # whatever the peer decides, it sees them after it knows who we are.
@@ -514,7 +518,12 @@ class Engine:
             return
         if decision is Decision.SPLIT_BRAIN:
             mine_discards = self.discard_my_data
-            if mine_discards != peer.discard_my_data:
+            if mine_discards == peer.discard_my_data and not mine_discards:
+                mine_discards = self._split_brain_victim_is_me()
+                peer_discards = mine_discards is False
+            else:
+                peer_discards = peer.discard_my_data
+            if mine_discards is not None and mine_discards != peer_discards:
                 decision = Decision.TARGET if mine_discards else Decision.SOURCE
                 kind = Kind.BITMAP  # both sides' marks: everything either changed
                 log.warning("%s: split brain resolved: %s discards its changes",
@@ -559,6 +568,31 @@ class Engine:
             bits = bytes(self.bitmap.bits)
             self.service.submit(encode_control(MessageType.BITMAP, {"bits": bits}),
                                 self.session)
+
+    def _split_brain_victim_is_me(self) -> bool | None:
+        """The configured automatic policy's verdict: True (discard mine), False (the
+        peer's), None (no automatic decision).  Both sides compute it from the same
+        numbers, so they agree.  A primary is never chosen as the victim."""
+        mine, theirs = self._snapshot_dirty, self.peer.dirty_bytes  # as both sides saw them
+        policy = self.after_split_brain
+        if policy == "discard-zero-changes":
+            if (mine == 0) == (theirs == 0):
+                return None
+            victim_is_me = mine == 0
+        elif policy == "discard-least-changes":
+            if mine == theirs:
+                victim_is_me = self.node > self.peer.node  # any order both sides agree on
+            else:
+                victim_is_me = mine < theirs
+        else:
+            return None
+        primary = self.role == "primary" if victim_is_me else self.peer.role == "primary"
+        if primary:
+            return None  # never throw away a primary's data automatically
+        log.warning("%s: split brain, policy %s: %s changed %d bytes, %s %d: %s's changes "
+                    "are discarded", self.resource, policy, self.node, mine, self.peer.node,
+                    theirs, self.node if victim_is_me else self.peer.node)
+        return victim_is_me
 
     def _refuse(self, reason: str, fatal_if_secondary: bool = False,
                 split_brain: bool = False) -> None:
@@ -984,6 +1018,7 @@ class Engine:
                 self._note_peer_behind()
             if forced and self.peer is not None:
                 self._snapshot = self._generation()
+                self._snapshot_dirty = self.bitmap.dirty_bytes()
                 self._send_state()
                 if self.peer.generation is not None:
                     self._decide(self.peer.generation)

@@ -446,3 +446,14 @@ def test_disk_size_of_a_regular_file(tmp_path):
     assert disk_size(str(tmp_path / "d")) == 8192
     with pytest.raises(ValueError):
         disk_size(str(tmp_path))
+
+
+def test_after_split_brain_policy(write):
+    doc = good_doc()
+    assert load_config(write(doc), "alpha").after_split_brain == "disconnect"
+    doc["resource"]["after_split_brain"] = "discard-least-changes"
+    assert load_config(write(doc), "alpha").after_split_brain == "discard-least-changes"
+    doc["resource"]["after_split_brain"] = "discard-everything"
+    with pytest.raises(ConfigFileError) as err:
+        load_config(write(doc), "alpha")
+    assert err.value.key == "resource.after_split_brain" and "discard-zero-changes" in str(err.value)

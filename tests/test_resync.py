@@ -225,3 +225,19 @@ def test_verify_finds_a_block_corrupted_by_hand_and_the_resync_repairs_it(mirror
     pair.wait_connected(timeout=30)
     assert pair.status("alpha")["out_of_sync_bytes"] == 0
     assert_identical(pair)
+
+
+def test_split_brain_policy_discard_least_changes_resolves_it_alone(mirror_pair, tmp_path):
+    pair = started_pair(mirror_pair, size=32 * MiB,
+                        extra_resource='after_split_brain = "discard-least-changes"')
+    cut(pair)
+    pair.promote("beta")
+    run(["nbdcopy", "--flush", random_file(str(tmp_path / "a"), 4 * MiB, seed=3),
+         pair.uri("alpha")])
+    run(["nbdcopy", "--flush", random_file(str(tmp_path / "b"), 1 * MiB, seed=4),
+         pair.uri("beta")])
+    pair.ctl("beta", "secondary")  # a primary is never discarded automatically
+    pair.net.set_link(pair.ns["alpha"], True)
+    pair.wait_connected(timeout=30)
+    assert_identical(pair)
+    assert "policy discard-least-changes" in pair.log("beta")
