@@ -35,22 +35,10 @@ sys.path.insert(0, REPO)
 
 from linkproc import LinkProcess, link_argv  # noqa: E402
 from netns import NetnsPair  # noqa: E402
+from probe import cpu_probe  # noqa: E402
 from raw_link import measure_raw  # noqa: E402
 
 DEFAULT_BYTES = {1500: "512M", 9000: "2G"}
-# A fixed amount of pure-Python work, timed before and after every sample: on a quiet
-# machine its time is steady; when another process or the hypervisor takes the CPUs it
-# grows, and the sample next to it is not to be trusted.  Reported as `cpu_probe_ms`.
-PROBE_LOOPS = 200_000
-
-
-def cpu_probe() -> float:
-    """Milliseconds this process takes for PROBE_LOOPS iterations of a trivial loop."""
-    start = time.perf_counter()
-    total = 0
-    for i in range(PROBE_LOOPS):
-        total += i
-    return round((time.perf_counter() - start) * 1000, 2)
 
 
 def transfer(pair: NetnsPair, size: str, extra: list[str], verify: bool = True) -> dict:
