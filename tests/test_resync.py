@@ -241,3 +241,35 @@ def test_split_brain_policy_discard_least_changes_resolves_it_alone(mirror_pair,
     pair.wait_connected(timeout=30)
     assert_identical(pair)
     assert "policy discard-least-changes" in pair.log("beta")
+
+
+def test_pause_and_resume_a_resync(mirror_pair, tmp_path):
+    pair = started_pair(mirror_pair, size=32 * MiB, extra_resource='sync_rate = "8M"')
+    cut(pair)
+    run(["nbdcopy", "--flush", random_file(str(tmp_path / "d"), 16 * MiB, seed=6),
+         pair.uri("alpha")])
+    pair.net.set_link(pair.ns["alpha"], True)
+    pair.wait("alpha", lambda s: s["sync"] is not None and s["sync"]["done_bytes"] > 0, 10,
+              "resync running")
+    assert "paused" in pair.ctl("alpha", "pause-sync").stdout
+    time.sleep(0.5)  # chunks already in flight land
+    held = pair.status("alpha")
+    time.sleep(1.0)
+    later = pair.status("alpha")
+    assert later["sync_paused"] and later["sync"]["done_bytes"] == held["sync"]["done_bytes"]
+    assert later["out_of_sync_bytes"] > 0
+    pair.ctl("alpha", "resume-sync")
+    pair.wait_connected(timeout=30)
+    assert_identical(pair)
+
+
+def test_metadata_of_another_node_is_refused(mirror_pair):
+    pair = mirror_pair(size=8 * MiB)
+    pair.create_md("beta")
+    os.replace(pair.paths["beta"]["metadata"], pair.paths["alpha"]["metadata"])
+    from mirrorpair import ENV, REPO, mirrord_argv
+
+    result = pair.net.run(pair.ns["alpha"], mirrord_argv(pair.config, "alpha"),
+                          capture_output=True, text=True, check=False, env=ENV, cwd=REPO,
+                          timeout=20)
+    assert result.returncode == 2 and "belongs to node 'beta'" in result.stderr, result.stderr
