@@ -52,18 +52,20 @@ class ActivityLog:
         (after writing out the bitmap pages of `evicted`) before the write goes to disk.
         Raises ActivityLogFull (and changes nothing) when no room can be made.
         """
-        wanted = [e for e in self.extents_of(offset, length) if e not in self._lru]
+        mine = self.extents_of(offset, length)
+        wanted = [e for e in mine if e not in self._lru]
         room = self.capacity - len(self._lru)
         evicted: list[int] = []
         if len(wanted) > room:
-            idle = [e for e, busy in self._lru.items() if busy == 0]
+            # Never evict an extent of this very write: it would come straight back.
+            idle = [e for e, busy in self._lru.items() if busy == 0 and e not in mine]
             need = len(wanted) - room
             if len(idle) < need:
                 raise ActivityLogFull(f"{len(self._lru)} extents busy")
             evicted = idle[:need]
         for e in evicted:
             del self._lru[e]
-        for e in self.extents_of(offset, length):
+        for e in mine:
             self._lru[e] = self._lru.get(e, 0) + 1
             self._lru.move_to_end(e)
         return wanted, evicted

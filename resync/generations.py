@@ -26,9 +26,9 @@ generations, so no extra round trip is needed):
 | 9 | my bitmap id is the peer's current (and not vice versa)      | SOURCE, bitmap      |
 |10 | the peer's bitmap id is my current                           | TARGET, bitmap      |
 |11 | both bitmap ids equal: both moved on from the same point     | SPLIT_BRAIN         |
-|12 | the peer's current is in my history                          | SOURCE, full        |
-|13 | my current is in the peer's history                          | TARGET, full        |
-|14 | otherwise                                                    | UNRELATED           |
+|12 | the peer's current is in my history (and not vice versa)     | SOURCE, full        |
+|13 | my current is in the peer's history (and not vice versa)     | TARGET, full        |
+|14 | otherwise (also: each current in the other's history)        | UNRELATED           |
 
 "bitmap" resyncs copy the union of both nodes' marked blocks; "full" copies everything.
 Pure logic: the daemon persists the ids (resync/metadata.py) and acts on the decision.
@@ -79,7 +79,8 @@ _MIRROR = {Decision.SOURCE: Decision.TARGET, Decision.TARGET: Decision.SOURCE}
 
 
 def mirrored(verdict: Verdict) -> Verdict:
-    """The verdict the peer reaches from the same two generations."""
+    """The verdict the peer reaches from the same two generations (decision and kind;
+    the rule number stays this side's row, which the peer numbers as its mirror row)."""
     return Verdict(_MIRROR.get(verdict.decision, verdict.decision), verdict.kind, verdict.rule)
 
 
@@ -114,8 +115,10 @@ def decide(mine: Generation, peer: Generation) -> Verdict:
         return Verdict(Decision.TARGET, Kind.BITMAP, 10)
     if mine.bitmap != NO_ID and mine.bitmap == peer.bitmap:
         return Verdict(Decision.SPLIT_BRAIN, rule=11)
-    if peer.current != NO_ID and peer.current in mine.history:
+    peer_in_mine = peer.current != NO_ID and peer.current in mine.history
+    mine_in_peer = mine.current != NO_ID and mine.current in peer.history
+    if peer_in_mine and not mine_in_peer:
         return Verdict(Decision.SOURCE, Kind.FULL, 12)
-    if mine.current != NO_ID and mine.current in peer.history:
+    if mine_in_peer and not peer_in_mine:
         return Verdict(Decision.TARGET, Kind.FULL, 13)
     return Verdict(Decision.UNRELATED, rule=14)

@@ -69,20 +69,6 @@ class Model:
                 self.busy[e] -= 1
 
 
-def code_would_evict_its_own_extent(log: ActivityLog, offset: int, length: int) -> bool:
-    """Whether begin() of this range hits the bug described in
-    test_begin_never_evicts_an_extent_of_the_write_itself (its idle LRU candidates for
-    eviction include an extent of the range itself)."""
-    touched = list(log.extents_of(offset, length))
-    active = log.active
-    wanted = [e for e in touched if e not in active]
-    need = len(active) + len(wanted) - log.capacity
-    if need <= 0:
-        return False
-    idle = [e for e in active if log._lru[e] == 0]
-    return len(idle) >= need and any(e in touched for e in idle[:need])
-
-
 # Operations: ("begin", first extent, byte offset inside it, length) or ("end", index of an
 # in-flight write to complete, 0, 0).  Offsets and lengths are picked to land on, just
 # before and just after extent boundaries.
@@ -111,8 +97,6 @@ def test_begin_and_end_match_the_reference_model(capacity, ops):
     for op, a, b, c in ops:
         if op == "begin":
             offset, length = a * EXT + b, c
-            if code_would_evict_its_own_extent(log, offset, length):
-                continue  # the known bug: see the xfail tests below
             expected = model.begin(offset, length)
             if expected is None:
                 before = snapshot(log)
@@ -176,14 +160,9 @@ def test_invariants_under_random_writes(capacity, ops):
     assert log.busy() == len_in_flight_extents(log, in_flight)
 
 
-# --- the known bug: begin() may evict an extent of the write itself -----------------
+# --- begin() never evicts an extent of the write itself ---------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: ActivityLog.begin() picks eviction victims among all idle extents, including "
-    "extents of the write's own range; the victim is re-added at once, so the log ends "
-    "up holding capacity+1 extents and `evicted` names an extent that is active with a "
-    "write in flight"))
 def test_begin_never_evicts_an_extent_of_the_write_itself():
     log = ActivityLog(EXT, capacity=2, active=[5, 7])  # full, both idle; 5 is the oldest
     added, evicted = log.begin(*rng(5, 2))  # a write across extents 5 and 6
@@ -193,10 +172,6 @@ def test_begin_never_evicts_an_extent_of_the_write_itself():
     assert len(log.active) <= log.capacity
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: ActivityLog.begin() can evict an idle extent of the write's own range and "
-    "re-add it: capacity exceeded, evicted extent still active (see "
-    "test_begin_never_evicts_an_extent_of_the_write_itself)"))
 @settings(max_examples=100, deadline=None)
 @example(2, [("begin", 0, 0, EXT), ("end", 0, 0, 0),
              ("begin", 2, 0, EXT), ("end", 0, 0, 0),
