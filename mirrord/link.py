@@ -20,6 +20,7 @@ import time
 from typing import Callable
 
 from protocol import Connection, Event
+from protocol.frames import encode_frame_into
 
 from .faults import FaultInjector
 from .iface import CarrierMonitor, interface_info
@@ -145,7 +146,8 @@ class Link:
 
         Each connection's batch goes to the socket in one send_batch call (through
         the fault injector first when one is configured): with the socket's TX ring
-        that is one system call per batch instead of one per frame.
+        that is one system call per batch instead of one per frame, and DATA frames
+        are built straight into the ring's slots.
         """
         if now is None:
             now = self.clock()
@@ -153,17 +155,24 @@ class Link:
         send_batch = self.socket.send_batch
         faults = self.faults
         for conn in self._conns.values():
-            frames = conn.frames_to_send(now=now, max_frames=SEND_BATCH)
-            if len(frames) >= SEND_BATCH:
-                more = True
             if faults is not None:
+                frames = conn.frames_to_send(now=now, max_frames=SEND_BATCH)
+                if len(frames) >= SEND_BATCH:
+                    more = True
                 apply = faults.apply
                 out: list = []
                 for frame, dest in frames:
                     out += apply(frame, dest)
-                frames = out
+                if out:
+                    send_batch(out)
+                continue
+            # DATA frames come unencoded and are built straight into the socket's
+            # TX-ring slots (encode_frame_into): their payload is copied once.
+            frames = conn.frames_to_send(now=now, max_frames=SEND_BATCH, in_place=True)
+            if len(frames) >= SEND_BATCH:
+                more = True
             if frames:
-                send_batch(frames)
+                send_batch(frames, encode_frame_into)
         if faults is not None and not more and faults.held:
             # Idle: release frames held back for reordering, or they would wait for
             # traffic that may never come (the last frames of a transfer, a lone ack).

@@ -41,7 +41,7 @@ class LinkService:
         link.watch(self._wake)
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
-        self._queue: collections.deque = collections.deque()  # (data, session, on_acked)
+        self._queue: collections.deque = collections.deque()  # (data, size, session, on_acked)
         self._calls: collections.deque = collections.deque()  # functions to run here
         self._unacked = 0  # bytes queued or sent, not yet acked
         self._sent: collections.deque = collections.deque()  # (msg_no, size, on_acked)
@@ -66,12 +66,19 @@ class LinkService:
     def submit(self, data, session: int, on_acked: Callable[[bool], None] | None = None) -> None:
         """Send `data` as one message on session `session` (dropped if that session ended).
 
+        `data` is a buffer or a list or tuple of buffers (parts of one message, sent
+        without being joined: Connection.send_message).  It is not copied; leave it
+        alone until the message is acknowledged.
         `on_acked(True)` runs in the link thread once the peer's link has it, or
         `on_acked(False)` if the session ends first (or had already ended).
         """
+        if type(data) is list or type(data) is tuple:
+            size = sum(map(len, data))
+        else:
+            size = len(data)
         with self._lock:
-            self._unacked += len(data)
-            self._queue.append((data, session, on_acked))
+            self._unacked += size
+            self._queue.append((data, size, session, on_acked))
         self._poke()
 
     def call_soon(self, func: Callable[[], None]) -> None:
@@ -126,16 +133,16 @@ class LinkService:
         now = self.link.clock()
         conn = self.conn
         failed = []
-        for data, session, on_acked in queue:
+        for data, size, session, on_acked in queue:
             if conn.session_id != session:
-                failed.append((len(data), on_acked))
+                failed.append((size, on_acked))
                 continue
             try:
                 number = conn.send_message(data, now=now)
             except LocalProtocolError:
-                failed.append((len(data), on_acked))
+                failed.append((size, on_acked))
                 continue
-            self._sent.append((number, len(data), on_acked))
+            self._sent.append((number, size, on_acked))
         if failed:
             self._forget(failed)
         self.link.flush(now)

@@ -29,6 +29,7 @@ from collections import deque
 from typing import Hashable
 
 import msgpack
+import xxhash
 
 from . import auth
 from .config import MAX_UPPER_HANDSHAKE, ConnectionConfig
@@ -38,7 +39,8 @@ from .events import (
     Connected, ConnectionLost, Event, HandshakeRefused, MessageReceived, MessagesAcknowledged,
 )
 from .frames import (
-    AUTHENTICATED, HEADER_SIZE, TRAILER_SIZE, FrameType, decode_frame, encode_frame, peek_version,
+    AUTHENTICATED, BEGIN, CHECKSUM_OFFSET, END, HEADER, HEADER_SIZE, TRAILER_SIZE, VERSION,
+    FrameType, decode_frame, encode_frame, peek_version,
 )
 from .handshake import (
     MAX_VERSION, MIN_VERSION, NONCE_SIZE, decode_hello, encode_hello, session_id,
@@ -57,6 +59,9 @@ _DATA = int(FrameType.DATA)
 _ACK = int(FrameType.ACK)
 _PING = int(FrameType.PING)
 _CLOSE = int(FrameType.CLOSE)
+_NOT_FRAGMENT_FLAGS = 0xFFFF & ~(BEGIN | END)  # any other flag bit: not the fast path
+_unpack_header = HEADER.unpack_from
+_checksum = xxhash.xxh3_64_intdigest
 
 
 class _Attempt:
@@ -160,15 +165,21 @@ class Connection:
     def send_message(self, data, *, now: float) -> int:
         """Queue one message for the peer; returns its number (see MessagesAcknowledged).
 
-        `data` is not copied: frames are cut from it as views, and it may be read again
+        `data` is a buffer, or a list or tuple of buffers (parts: the message is their
+        concatenation, cut into frames across part boundaries without joining them).
+        It is not copied: frames are cut from it as views, and it may be read again
         for a retransmission.  Do not modify it until MessagesAcknowledged covers it.
         A message larger than max_message is refused (LocalProtocolError) and nothing
         else changes.
         """
         self._sm.transition(Input.SEND)
-        if len(data) > self.config.max_message:
+        if type(data) is list or type(data) is tuple:
+            size = sum(memoryview(p).nbytes for p in data)
+        else:
+            size = memoryview(data).nbytes
+        if size > self.config.max_message:
             raise LocalProtocolError(
-                f"message of {len(data)} bytes exceeds max_message={self.config.max_message}"
+                f"message of {size} bytes exceeds max_message={self.config.max_message}"
             )
         self.counters.messages_sent += 1
         return self._session.sender.queue_message(data, self._session.max_payload)
@@ -187,6 +198,25 @@ class Connection:
 
     def receive_frame(self, data, source: Hashable, *, now: float) -> None:
         """Take one received frame.  Invalid frames are counted and dropped, never raised."""
+        session = self._session
+        if (session is not None and session.opener is None and source == session.peer_address
+                and len(data) >= HEADER_SIZE):
+            # Fast path: the bulk of the traffic, an unauthenticated session's DATA frame
+            # that passes every check.  The same checks as decode_frame and the path
+            # below, in another order and without building a Frame; anything that fails
+            # one of them takes the path below, which checks (and counts) in the order
+            # docs/PROTOCOL.md gives.
+            (version, ftype, flags, volume, sid, seq, ack, window, length, reserved,
+             checksum) = _unpack_header(data)
+            end = HEADER_SIZE + length
+            if (ftype == _DATA and version == VERSION and not flags & _NOT_FRAGMENT_FLAGS
+                    and not reserved and sid == session.id and volume == self.config.volume
+                    and end <= len(data)):
+                view = memoryview(data)
+                payload = view[HEADER_SIZE:end]
+                if _checksum(payload, _checksum(view[:CHECKSUM_OFFSET])) == checksum:
+                    self._on_data_frame(session, seq, flags, ack, window, payload, now)
+                    return
         counters = self.counters
         try:
             frame = decode_frame(data)
@@ -256,6 +286,26 @@ class Connection:
         elif ftype == _CLOSE:
             reason = bytes(frame.payload).decode("utf-8", "replace") or "no reason given"
             self._lose(session, f"peer closed the connection: {reason}", now)
+            return
+        if sender.acked_messages > self._acked_reported:
+            self._acked_reported = sender.acked_messages
+            self._events.append((MessagesAcknowledged(sender.acked_messages), None))
+
+    def _on_data_frame(self, session: _Session, seq: int, flags: int, ack: int, window: int,
+                       payload, now: float) -> None:
+        """_on_session_frame for a DATA frame, from receive_frame's fast path."""
+        self.counters.frames_received += 1
+        session.last_received = now
+        if not session.peer_confirmed:
+            self._confirm_peer(session)
+        sender = session.sender
+        if ack > sender.snd_una or ack + window > sender.right_edge:
+            sender.on_ack(ack, window, (), now)
+        try:
+            session.receiver.on_data(seq, flags, payload, now)
+        except FrameError as err:
+            self.counters.drop(err.reason)
+            self._lose(session, f"protocol violation by peer: {err.detail}", now)
             return
         if sender.acked_messages > self._acked_reported:
             self._acked_reported = sender.acked_messages
@@ -437,8 +487,16 @@ class Connection:
         return encode_frame(ftype, flags, self.config.volume, session.id, seq,
                             receiver.rcv_next, receiver.window(), payload, session.sealer)
 
-    def frames_to_send(self, *, now: float, max_frames: int | None = None) -> list:
-        """Frames to put on the wire now, as (frame, destination address or None)."""
+    def frames_to_send(self, *, now: float, max_frames: int | None = None,
+                       in_place: bool = False) -> list:
+        """Frames to put on the wire now, as (frame, destination address or None).
+
+        With `in_place`, DATA frames come unencoded, as tuples of encode_frame's
+        arguments (the `spec` of frames.encode_frame_into), for a link that builds them
+        straight into its send buffers: the payload is then copied once.  The other
+        frames are bytes as always.  A spec's payload views stay valid as long as
+        send_message's rule for the message's data holds.
+        """
         if self._sm.state is ConnState.ERROR:
             return []  # terminal: a broken connection must not look alive to the peer
         out = self._outbox
@@ -453,12 +511,13 @@ class Connection:
                 self._hello_at = now + self.config.hello_interval
         session = self._session
         if session is not None:
-            self._session_frames(session, out, now, max_frames)
+            self._session_frames(session, out, now, max_frames, in_place)
         counters = self.counters
         counters.frames_sent += len(out)
         return out
 
-    def _session_frames(self, session: _Session, out: list, now: float, max_frames) -> None:
+    def _session_frames(self, session: _Session, out: list, now: float, max_frames,
+                        in_place: bool = False) -> None:
         dest = session.peer_address
         append = out.append
         if session.hello_reply:
@@ -476,9 +535,16 @@ class Connection:
             ack = receiver.rcv_next
             window = receiver.window()
             for seq, payload, flags in batch:
-                append((encode_frame(_DATA, flags, volume, sid, seq, ack, window, payload, sealer),
-                        dest))
-                bytes_sent += len(payload)
+                if in_place:
+                    frame = (_DATA, flags, volume, sid, seq, ack, window, payload, sealer)
+                else:
+                    frame = encode_frame(_DATA, flags, volume, sid, seq, ack, window, payload,
+                                         sealer)
+                append((frame, dest))
+                if type(payload) is tuple:
+                    bytes_sent += sum(map(len, payload))
+                else:
+                    bytes_sent += len(payload)
         self.counters.bytes_sent += bytes_sent
         if batch and not receiver.has_gap():
             receiver.acked()  # the DATA frames carried the cumulative ack

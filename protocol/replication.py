@@ -101,10 +101,18 @@ def _header(mtype: int, flags: int, length: int, ident: int, offset: int) -> byt
 
 
 def encode_write(ident: int, offset: int, data, *, fua: bool = False,
-                 sync: bool = False) -> bytes:
-    """A WRITE (or SYNC_DATA when `sync`): header and data in one buffer."""
+                 sync: bool = False, parts: bool = False):
+    """A WRITE (or SYNC_DATA when `sync`): header and data in one new buffer (bytes).
+
+    With `parts`, the same message as the tuple (header, data), without copying the
+    data, for Connection.send_message (which takes a message as parts).  `data` must
+    then stay unchanged until the link has delivered the message.
+    """
     mtype = MessageType.SYNC_DATA if sync else MessageType.WRITE
-    return b"".join((_header(mtype, FUA if fua else 0, len(data), ident, offset), data))
+    header = HEADER.pack(mtype, FUA if fua else 0, 0, memoryview(data).nbytes, ident, offset)
+    if parts:
+        return (header, data)
+    return b"".join((header, data))
 
 
 def encode_zeroes(ident: int, offset: int, length: int, *, fua: bool = False,

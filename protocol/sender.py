@@ -2,9 +2,11 @@
 
 Strategy (TCP SACK + RACK / QUIC loss detection, without congestion control — the link
 is a dedicated cable and the receiver's advertised window is what must not be overrun):
-- Messages are cut into payload-sized memoryview slices (no copy) and queued.  A slice
-  gets its sequence number when it is first sent, if the send window and the peer's
-  advertised window both allow it.
+- Messages are cut into payload-sized memoryview slices (no copy) and queued; a message
+  given as several parts is cut across them, a frame spanning two parts holding a tuple
+  of views (assembled only when the frame is encoded).  A slice gets its sequence
+  number when it is first sent, if the send window and the peer's advertised window
+  both allow it.
 - `_inflight` holds frames sent and neither acked nor selectively acked, in the order
   of their latest transmission (an OrderedDict, moved to the end on retransmission).
   So the frames most likely lost are at the front, and loss detection stops at the first
@@ -66,24 +68,76 @@ class Sender:
     # --- what the connection asks ---------------------------------------------------
 
     def queue_message(self, data, max_payload: int) -> int:
-        """Fragment `data` into the queue; return its message number."""
+        """Fragment `data` into the queue; return its message number.
+
+        `data` is a buffer, or a list or tuple of buffers (parts) sent as one message
+        without being joined: frames are cut as views, and a frame whose payload spans
+        a part boundary carries a tuple of views (assembled when it is encoded).
+        """
+        if type(data) is list or type(data) is tuple:
+            parts = [p if type(p) is memoryview and p.format == "B" and p.ndim == 1
+                     else memoryview(p).cast("B") for p in data]
+            parts = [p for p in parts if len(p)]
+            if len(parts) == 1:
+                data = parts[0]
+            elif not parts:
+                data = memoryview(b"")
+            else:
+                return self._queue_parts(parts, max_payload)
         view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
         n = len(view)
-        queue = self._queue
         if n <= max_payload:
-            queue.append((view, BEGIN | END))
-            frames = 1
-        else:
-            frames = 0
-            for offset in range(0, n, max_payload):
-                flags = (BEGIN if offset == 0 else 0) | (END if offset + max_payload >= n else 0)
-                queue.append((view[offset : offset + max_payload], flags))
-                frames += 1
+            self._queue.append((view, BEGIN | END))
+            return self._new_message(1)
+        return self._enqueue([view[offset : offset + max_payload]
+                              for offset in range(0, n, max_payload)])
+
+    def _enqueue(self, payloads: list) -> int:
+        """Queue one message's frames (two or more), flagged BEGIN .. END."""
+        flags = [0] * len(payloads)
+        flags[0] = BEGIN
+        flags[-1] = END
+        self._queue.extend(zip(payloads, flags))
+        return self._new_message(len(payloads))
+
+    def _new_message(self, frames: int) -> int:
         number = self._next_message
         self._next_message += 1
-        # The message's last frame will get seq next_seq + frames already queued + frames - 1.
-        self._message_ends.append((self.next_seq + len(queue) - 1, number))
+        # The message's last frame will get seq next_seq + frames already queued - 1.
+        self._message_ends.append((self.next_seq + len(self._queue) - 1, number))
         return number
+
+    def _queue_parts(self, parts: list, max_payload: int) -> int:
+        """queue_message for two or more non-empty parts (views of single bytes)."""
+        payloads = []
+        add = payloads.append
+        pieces: list = []  # of the frame being filled, when it spans parts
+        room = max_payload
+        for part in parts:
+            pos = 0
+            size = len(part)
+            while pos < size:
+                if room == max_payload and size - pos >= max_payload:
+                    # Whole frames inside this part: plain views, as for one buffer.
+                    stop = pos + (size - pos) // max_payload * max_payload
+                    payloads += [part[offset : offset + max_payload]
+                                 for offset in range(pos, stop, max_payload)]
+                    pos = stop
+                    continue
+                take = min(room, size - pos)
+                pieces.append(part[pos : pos + take])
+                pos += take
+                room -= take
+                if not room:
+                    add(pieces[0] if len(pieces) == 1 else tuple(pieces))
+                    pieces = []
+                    room = max_payload
+        if pieces:
+            add(pieces[0] if len(pieces) == 1 else tuple(pieces))
+        if len(payloads) == 1:
+            self._queue.append((payloads[0], BEGIN | END))
+            return self._new_message(1)
+        return self._enqueue(payloads)
 
     def take(self, now: float, limit: int) -> list:
         """Up to `limit` frames to send now, as (seq, payload, flags): lost frames first,

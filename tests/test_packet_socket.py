@@ -338,3 +338,146 @@ def test_send_batch_waits_for_a_full_ring_then_sends_frame_by_frame(sockets):
     assert a.send_batch([(p, pair.mac_b) for p in fresh]) == 5
     assert [bytes(p) for p, _ in _receive(b, 5)] == fresh
     assert a.counters["tx_ring_full"] <= 8
+
+
+# ---- recv_batch through the PACKET_RX_RING --------------------------------------------
+
+import select  # noqa: E402
+
+
+@pytest.mark.parametrize("rx_ring", [True, False], ids=["rx-ring", "recv"])
+@pytest.mark.parametrize("mtu", [1500, 9000])
+def test_recv_batch_with_and_without_the_rx_ring_reads_the_same(netns_pair_factory, rx_ring,
+                                                                 mtu):
+    pair = netns_pair_factory(mtu=mtu)
+    a = _open(pair, pair.ns_a, pair.if_a)
+    b = _open(pair, pair.ns_b, pair.if_b, rx_ring=rx_ring)
+    try:
+        assert b.rx_ring is rx_ring
+        payloads = [_tagged(i, size) for i, size in
+                    enumerate([0, 1, 13, 60, 1000, mtu - 1, mtu] * 3)]
+        assert a.send_batch([(p, pair.mac_b) for p in payloads]) == len(payloads)
+        got = _receive(b, len(payloads))
+        assert [bytes(p) for p, _ in got] == payloads
+        assert all(src == pair.mac_a and isinstance(p, bytearray) for p, src in got)
+        assert b.recv_batch(BATCH) == []
+        assert b.counters["runts"] == b.counters["truncated"] == 0
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("sockets", [9000], indirect=True)
+def test_the_rx_ring_wraps_around_many_times_and_poll_follows_it(sockets):
+    pair, a, b = sockets
+    ring = b._rx
+    poller = select.poll()
+    poller.register(b.fileno(), select.POLLIN)
+    assert poller.poll(0) == []
+    sent = 0
+    got: list = []
+    for lap in range(3):
+        for size in (ring.nslots // 2, ring.nslots - 5, 7):
+            batch = [(_tagged(sent + k, 2000 + (sent + k) % 7000), pair.mac_b)
+                     for k in range(size)]
+            assert a.send_batch(batch) == size
+            sent += size
+            deadline = time.monotonic() + BULK_DEADLINE_S
+            while len(got) < sent and time.monotonic() < deadline:
+                if poller.poll(100):
+                    got += b.recv_batch(300)
+            assert len(got) == sent
+            assert poller.poll(0) == []  # everything read: nothing left to report
+    for k, (p, _) in enumerate(got):
+        assert len(p) == 2000 + k % 7000 and bytes(p[:8]) == b"%08d" % k, k
+
+
+def test_a_frame_longer_than_the_rx_slots_is_counted_and_skipped(netns_pair_factory):
+    pair = netns_pair_factory(mtu=1500)
+    a = _open(pair, pair.ns_a, pair.if_a)
+    b = _open(pair, pair.ns_b, pair.if_b)  # slots sized for 1500
+    try:
+        for ns, ifname in ((pair.ns_a, pair.if_a), (pair.ns_b, pair.if_b)):
+            pair.run(ns, ["ip", "link", "set", "dev", ifname, "mtu", "9000"])
+        with pair.enter(pair.ns_a):
+            big = PacketSocket(pair.if_a)
+        try:
+            assert big.send(bytes(5000), pair.mac_b)
+            assert big.send(b"small", pair.mac_b)
+            assert [bytes(p) for p, _ in _receive(b, 1)] == [b"small"]
+            assert b.counters["truncated"] == 1
+        finally:
+            big.close()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_with_the_rx_ring_a_pending_link_error_is_collected(sockets):
+    """The kernel leaves ENETDOWN pending when the link goes down; nobody calls recv
+    with a ring, so recv_batch must collect it or poll() would return at once for ever."""
+    pair, a, b = sockets
+    assert b.rx_ring
+    poller = select.poll()
+    poller.register(b.fileno(), select.POLLIN)
+    pair.set_link(pair.ns_b, False)
+    b.recv_batch(BATCH)
+    b.recv_batch(BATCH)
+    assert b.counters["recv_errors"] >= 1
+    assert poller.poll(0) == []
+    pair.set_link(pair.ns_b, True)
+    deadline = time.monotonic() + RECV_DEADLINE_S
+    while not a.send(b"back", pair.mac_b) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [bytes(p) for p, _ in _receive(b, 1)] == [b"back"]
+
+
+# ---- send_batch(build=): frames built straight into the slots ---------------------------
+
+from protocol.frames import FrameType, decode_frame, encode_frame, encode_frame_into  # noqa: E402
+
+
+def _specs(n: int, size: int) -> list:
+    data = memoryview(os.urandom(size * n + 24))
+    specs = [(FrameType.DATA, 0, 7, 9, i + 1, 1, 64, data[i * size:(i + 1) * size], None)
+             for i in range(n)]
+    # one fragment spanning two parts, as a message given as (header, data) makes
+    specs.append((FrameType.DATA, 0, 7, 9, n + 1, 1, 64, (b"h" * 24, data[:size - 24]), None))
+    return specs
+
+
+@pytest.mark.parametrize("tx_ring", [True, False], ids=["tx-ring", "send"])
+def test_send_batch_builds_frames_in_place(netns_pair_factory, tx_ring):
+    pair = netns_pair_factory(mtu=1500)
+    a = _open(pair, pair.ns_a, pair.if_a, tx_ring=tx_ring)
+    b = _open(pair, pair.ns_b, pair.if_b)
+    try:
+        specs = _specs(20, 1400)
+        frames = [(spec, pair.mac_b) for spec in specs]
+        frames.insert(3, (b"plain bytes", pair.mac_b))  # mixed with ordinary payloads
+        assert a.send_batch(frames, encode_frame_into) == len(frames)
+        got = [bytes(p) for p, _ in _receive(b, len(frames))]
+        expected = [encode_frame(*spec) for spec in specs]
+        expected.insert(3, b"plain bytes")
+        assert got == expected
+        assert decode_frame(got[-1]).payload.tobytes()[:24] == b"h" * 24
+        with pytest.raises(TypeError):
+            a.send_batch([(specs[0], pair.mac_b)])  # a description needs build=
+        if tx_ring:
+            assert _ring_idle(a)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_build_that_raises_sends_what_came_before_and_leaves_the_ring_clean(sockets):
+    pair, a, b = sockets
+    specs = _specs(3, 1000)
+    too_big = (FrameType.DATA, 0, 7, 9, 99, 1, 64, bytes(pair.mtu), None)  # + header > MTU
+    with pytest.raises(ValueError):
+        a.send_batch([(specs[0], pair.mac_b), (specs[1], pair.mac_b), (too_big, pair.mac_b),
+                      (specs[2], pair.mac_b)], encode_frame_into)
+    assert _ring_idle(a)
+    assert a.send_batch([(specs[2], pair.mac_b)], encode_frame_into) == 1
+    got = [bytes(p) for p, _ in _receive(b, 3)]
+    assert got == [encode_frame(*specs[i]) for i in (0, 1, 2)]

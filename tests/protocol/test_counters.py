@@ -239,3 +239,58 @@ def test_forged_frames_never_raise(specs, secret):
         net.run_for(0.0005)
     net.run_for(3.0)  # and it recovers: connected again, whatever happened
     assert b.conn.session_id is not None and a.conn.session_id == b.conn.session_id
+
+
+# --- DATA frames: the receiver's fast path must drop exactly as the full checks do ------
+
+
+def rewrite(frame: bytes, **fields) -> bytearray:
+    """`frame` with header fields changed and the checksum made valid again."""
+    from protocol.frames import HEADER, frame_checksum
+    names = ["version", "type", "flags", "volume", "session", "seq", "ack", "window",
+             "length", "reserved", "checksum"]
+    values = dict(zip(names, HEADER.unpack_from(frame)))
+    values.update(fields)
+    out = bytearray(frame)
+    HEADER.pack_into(out, 0, *[values[n] for n in names])
+    payload = bytes(out[HEADER_SIZE:HEADER_SIZE + values["length"]])
+    out[CHECKSUM_OFFSET:HEADER_SIZE] = struct.pack(
+        ">Q", frame_checksum(bytes(out[:CHECKSUM_OFFSET]), payload))
+    return out
+
+
+def test_data_frames_that_miss_one_check_are_dropped_for_that_reason():
+    net, a, b, wire, messages = stream()
+    data = wire.data_from_a[5]
+    sid = b.conn.session_id
+    cases = [
+        ("stale_session", rewrite(data, session=sid ^ 0x10)),
+        ("malformed", rewrite(data, flags=header(data)["flags"] | 0x0100)),
+        ("malformed", rewrite(data, reserved=1)),
+        ("malformed", rewrite(data, length=header(data)["length"] + 1)[:-1]),
+        ("wrong_volume", rewrite(data, volume=VOLUME + 1)),
+        ("bad_version", rewrite(data, version=2)),
+        ("corrupt", flip_payload(data)),
+        ("unauthenticated", rewrite(data, flags=header(data)["flags"] | AUTHENTICATED)
+         + bytes(24)),
+        ("duplicates", bytearray(data)),
+    ]
+    for reason, frame in cases:
+        before = drops(b.conn)
+        b.conn.receive_frame(frame, "A", now=net.now)
+        assert delta(before, drops(b.conn)) == {reason: 1}, reason
+        net.run_for(0.001)
+    before = drops(b.conn)
+    b.conn.receive_frame(bytearray(data), "X", now=net.now)
+    assert delta(before, drops(b.conn)) == {"foreign_source": 1}
+    finish(net, a, b, messages)
+
+
+def test_an_in_session_data_frame_that_breaks_the_stream_drops_the_session():
+    net, a, b, wire, messages = stream()
+    first = wire.data_from_a[0]
+    # The next expected seq, flagged as the middle of a message that never began.
+    frame = rewrite(first, seq=wire.b_ack, flags=0)
+    b.conn.receive_frame(frame, "A", now=net.now)
+    b.drain()
+    assert b.lost and "protocol violation" in b.lost[-1].reason

@@ -12,8 +12,8 @@ from protocol import FrameError
 from protocol import auth
 from protocol.frames import (
     AUTHENTICATED, BEGIN, CHECKSUM_OFFSET, END, HEADER, HEADER_SIZE, MAX_PAYLOAD,
-    TRAILER_SIZE, VERSION, FrameType, decode_frame, encode_frame, frame_checksum,
-    peek_version,
+    TRAILER_SIZE, VERSION, FrameType, decode_frame, encode_frame, encode_frame_into,
+    frame_checksum, peek_version,
 )
 
 KEY = auth.stretch_secret(b"correct horse battery")
@@ -336,3 +336,57 @@ def test_garbage_with_a_valid_checksum_decodes_or_raises_frame_error(
         assert frame.type in set(FrameType)
         assert reserved == 0 and not frame.flags & ~(BEGIN | END | AUTHENTICATED)
         assert len(frame.payload) == length
+
+
+# --- building in place (the link's TX-ring slots) -------------------------------------
+
+
+def split(payload: bytes, cuts: list[int]) -> tuple:
+    """`payload` as a tuple of memoryview pieces cut at `cuts` (a fragment across parts)."""
+    view = memoryview(payload)
+    edges = [0, *sorted(c % (len(payload) + 1) for c in cuts), len(payload)]
+    return tuple(view[a:b] for a, b in zip(edges, edges[1:]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(**FIELDS, sealed=st.booleans(), cuts=st.lists(st.integers(0, 1 << 16), max_size=3),
+       offset=st.integers(0, 50), as_pieces=st.booleans())
+def test_encode_frame_into_builds_what_encode_frame_returns(
+        ftype, flags, volume, session, seq, ack, window, payload, sealed, cuts, offset,
+        as_pieces):
+    body = split(payload, cuts) if as_pieces else memoryview(payload)
+    (sealer_1, _), (sealer_2, opener) = keys(), keys()
+    expected = encode_frame(ftype, flags, volume, session, seq, ack, window, body,
+                            sealer_1 if sealed else None)
+    buf = memoryview(bytearray(b"\xee" * (offset + len(expected) + 30)))
+    spec = (ftype, flags, volume, session, seq, ack, window, body, sealer_2 if sealed else None)
+    n = encode_frame_into(buf, offset, len(expected), spec)
+    assert n == len(expected)
+    assert bytes(buf[offset:offset + n]) == bytes(expected)
+    assert bytes(buf[:offset]) == b"\xee" * offset  # nothing written outside the frame
+    assert bytes(buf[offset + n:]) == b"\xee" * 30
+    frame = decode_frame(buf[offset:offset + n])
+    check_fields(frame, ftype, flags, volume, session, seq, ack, window, payload, sealed)
+    if sealed:
+        assert mac_ok(opener, frame)
+
+
+def test_a_payload_in_pieces_encodes_as_the_joined_payload():
+    payload = os.urandom(1000)
+    whole = encode_frame(FrameType.DATA, BEGIN, 1, 2, 3, 4, 5, payload)
+    assert encode_frame(FrameType.DATA, BEGIN, 1, 2, 3, 4, 5, split(payload, [24, 500])) == whole
+
+
+def test_encode_frame_into_refuses_a_frame_over_the_limit_and_writes_nothing():
+    buf = memoryview(bytearray(200))
+    spec = (FrameType.DATA, 0, 1, 2, 3, 4, 5, bytes(100), None)
+    with pytest.raises(ValueError):
+        encode_frame_into(buf, 10, HEADER_SIZE + 99, spec)
+    sealed = (FrameType.DATA, 0, 1, 2, 3, 4, 5, bytes(100), keys()[0])
+    with pytest.raises(ValueError):
+        encode_frame_into(buf, 10, HEADER_SIZE + 100 + TRAILER_SIZE - 1, sealed)
+    with pytest.raises(ValueError):
+        encode_frame_into(memoryview(bytearray(MAX_PAYLOAD + 100)), 0, MAX_PAYLOAD + 100,
+                          (FrameType.DATA, 0, 1, 2, 3, 4, 5, bytes(MAX_PAYLOAD + 1), None))
+    assert bytes(buf) == bytes(200)
+    assert encode_frame_into(buf, 10, HEADER_SIZE + 100, spec) == HEADER_SIZE + 100

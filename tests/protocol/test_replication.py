@@ -28,6 +28,18 @@ def test_write_round_trips_across_fragments(ident, offset, data, fua, sync, frag
     assert b"".join(message.data) == data
 
 
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.binary(min_size=1, max_size=3000),
+       st.booleans(), st.booleans())
+def test_write_as_parts_is_the_same_message_without_copying_the_data(ident, offset, data, fua,
+                                                                     sync):
+    buffer = bytearray(data)
+    parts = encode_write(ident, offset, memoryview(buffer), fua=fua, sync=sync, parts=True)
+    assert type(parts) is tuple and len(parts) == 2 and len(parts[0]) == HEADER_SIZE
+    assert parts[0] + bytes(parts[1]) == encode_write(ident, offset, data, fua=fua, sync=sync)
+    buffer[0] ^= 0xFF  # the data part is the caller's buffer itself, not a copy
+    assert bytes(parts[1][:1]) == bytes(buffer[:1])
+
+
 def test_small_messages_round_trip():
     zero = decode_message([encode_zeroes(5, 4096, 1 << 20, fua=True, may_trim=True)])
     assert (zero.type, zero.id, zero.offset, zero.length) == (MessageType.ZEROES, 5, 4096, 1 << 20)
