@@ -391,6 +391,7 @@ def test_fio_random_writes_verified(serve):
     proc = run("fio", "--name=verify", "--ioengine=nbd", f"--uri={served.uri()}",
                "--rw=randwrite", "--bssplit=512/10:4k/50:64k/30:1m/10", "--iodepth=32",
                "--size=16M", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+               "--verify_state_save=0",  # else fio leaves a state file in the cwd
                "--output-format=json")
     job = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"][0]
     assert job["error"] == 0
@@ -864,3 +865,102 @@ def test_start_replaces_a_stale_socket_but_not_a_live_one(sockdir, image):
         NbdServer(path, device, EXPORT).start()
     assert info.value.errno == errno.EEXIST
     assert os.path.isfile(path)
+
+
+# --- replies go out from the connection's writer thread ---------------------------------
+
+
+class TimedDoneDevice:
+    """Completes writes from one device thread (as the replication link thread would)
+    and records how long each `done` call took."""
+
+    def __init__(self, inner: FileDevice) -> None:
+        import queue
+        self.inner = inner
+        self.size = inner.size
+        self.done_seconds: list[float] = []
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="device", daemon=True)
+        self._thread.start()
+
+    def writable(self) -> bool:
+        return True
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.inner.read(offset, length)
+
+    def write(self, offset, data, fua, done) -> None:
+        self._jobs.put(done)
+
+    def write_zeroes(self, offset, length, fua, may_trim, done) -> None:
+        self._jobs.put(done)
+
+    def trim(self, offset, length, done) -> None:
+        self._jobs.put(done)
+
+    def flush(self, done) -> None:
+        self._jobs.put(done)
+
+    def _run(self) -> None:
+        while (done := self._jobs.get()) is not None:
+            start = time.monotonic()
+            done(0)
+            self.done_seconds.append(time.monotonic() - start)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(5)
+        self.inner.close()
+
+
+def test_a_client_that_does_not_read_its_replies_never_blocks_done(serve, image):
+    device = TimedDoneDevice(FileDevice(image))
+    served = serve(device)
+    raw = raw_session(served)
+    raw.sock.settimeout(60)
+    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    count = 5000  # replies the socket buffers cannot hold (~700 here)
+    sender = threading.Thread(target=lambda: [raw.request(1, i, (i % 1000) * 4, 4,
+                                                          payload=b"abcd")
+                                              for i in range(count)], daemon=True)
+    sender.start()
+    # The replies fill the socket; the writer blocks on it, MAX_IN_FLIGHT requests wait
+    # for it, and the server stops reading requests: the number completed stays put.
+    seen = [-1]
+
+    def settled() -> bool:
+        now, seen[0] = len(device.done_seconds), len(device.done_seconds)
+        time.sleep(0.3)
+        return now == len(device.done_seconds) and now > 0
+
+    wait_for(settled, timeout=20, what="the server to stop reading")
+    assert len(device.done_seconds) < count, "every reply fitted: the test proves nothing"
+    assert max(device.done_seconds) < 0.2  # `done` only queued: never waited on the client
+    # ...and the device's thread is free right now, not stuck in a `done`.
+    free = threading.Event()
+    device._jobs.put(lambda _error=0: free.set())
+    assert free.wait(2.0)
+    handles = set()
+    for _ in range(count):
+        error, handle, _ = raw.reply()
+        assert error == 0
+        handles.add(handle)
+    sender.join(10)
+    assert handles == set(range(count))
+    raw.close()
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync-done", "async-done"])
+def test_every_write_gets_one_reply_and_disc_waits_for_them(serve, asynchronous):
+    served = serve(asynchronous=asynchronous)
+    raw = raw_session(served)
+    for i in range(200):
+        raw.request(1, 1000 + i, i * 512, 512, payload=bytes([i % 256]) * 512)
+    raw.request(3, 5000)  # FLUSH
+    raw.request(2, 0)  # DISC: the server answers what is in flight, then closes
+    handles = [raw.reply()[1] for _ in range(201)]
+    assert sorted(handles) == list(range(1000, 1200)) + [5000]
+    assert raw.closed_by_server()
+    raw.close()
+    wait_for(lambda: not any(t.name.startswith("nbd-reply-") for t in threading.enumerate()),
+             what="the reply writer to end")
