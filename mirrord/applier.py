@@ -57,7 +57,7 @@ class Applier:
             engine.on_peer_state(session, message.body)
             return
         if mtype is MessageType.REFUSE:
-            engine.on_peer_refused(session, str(message.body.get("reason", "")))
+            engine.on_peer_refused(session, message.body)
             return
         if mtype is MessageType.BITMAP:
             engine.on_peer_bitmap(session, message.body.get("bits"))

@@ -123,6 +123,7 @@ class Engine(SyncMixin):
         self.refusal: str | None = None  # why the last connection was refused
         self._snapshot: Generation | None = None  # what we told the peer at connect
         self._snapshot_dirty = 0  # and how many bytes our bitmap marked then
+        self._last_session: int | None = None  # the latest session, even after it ended
         self.decision: Decision | None = None
         self.replicating = False  # writes go to the peer
         self.sync_role: str | None = None  # "source" | "target" while a resync runs
@@ -234,7 +235,7 @@ class Engine(SyncMixin):
         view = memoryview(data)
         if len(view) <= MAX_WRITE_PIECE:
             self._replicate(done, len(view), fua, offset, len(view),
-                            lambda ident: encode_write(ident, offset, view, fua=fua),
+                            lambda ident: encode_write(ident, offset, view, fua=fua, parts=True),
                             lambda: self.store.write(offset, [view]))
             return
         # Split: each piece is replicated in order; the request completes with them all.
@@ -243,7 +244,8 @@ class Engine(SyncMixin):
             piece = view[start:start + MAX_WRITE_PIECE]
             whole.add_part()
             self._replicate(whole.part_done, len(piece), fua, offset + start, len(piece),
-                            lambda ident, o=offset + start, p=piece: encode_write(ident, o, p, fua=fua),
+                            lambda ident, o=offset + start, p=piece: encode_write(ident, o, p, fua=fua,
+                                                                     parts=True),
                             lambda o=offset + start, p=piece: self.store.write(o, [p]))
         whole.part_done(0)
 
@@ -379,6 +381,7 @@ class Engine(SyncMixin):
             log.info("%s: connected to %s (session %08x, MTU %d)", self.resource,
                      event.peer_node, event.session_id, event.mtu)
             self.session = event.session_id
+            self._last_session = event.session_id
             self._digests_out = 0
             self.peer = PeerView(event.peer_node)
             self.refusal = None
@@ -596,7 +599,10 @@ class Engine(SyncMixin):
                                 "peer_bytes": self.peer.dirty_bytes if self.peer else None}
         self.want_connect = False
         self.replicating = False
-        self.service.submit(encode_control(MessageType.REFUSE, {"reason": reason}), self.session)
+        body = {"reason": reason}
+        if self.split_brain is not None:
+            body["split_brain"] = self.split_brain
+        self.service.submit(encode_control(MessageType.REFUSE, body), self.session)
         service = self.service
         service.call_soon(lambda: service.conn.close(reason, now=service.link.clock()))
         if self.role == "primary":
@@ -605,14 +611,25 @@ class Engine(SyncMixin):
         if fatal_if_secondary and self.role != "primary":
             self.on_fatal(2, reason)
 
-    def on_peer_refused(self, session: int, reason: str) -> None:
+    def on_peer_refused(self, session: int, body: dict) -> None:
+        """The peer ended the connection and said why.  Its REFUSE often arrives after
+        the session is gone (the peer closed it right after), so the last session counts
+        too, unless a newer one started."""
+        reason = str(body.get("reason", ""))
         with self._lock:
-            if session != self.session:
+            if session != self.session and not (self.session is None
+                                                and session == self._last_session):
                 return
             log.error("%s: %s refused the connection: %s", self.resource, self.peer_node, reason)
             if self.refusal is None:
                 self.refusal = reason
+            theirs = body.get("split_brain")
+            if isinstance(theirs, dict) and self.split_brain is None:
+                self.split_brain = {"this_node_bytes": theirs.get("peer_bytes"),
+                                    "peer_bytes": theirs.get("this_node_bytes")}
             self.want_connect = False
+        service = self.service
+        service.call_soon(lambda: service.conn.close(reason, now=service.link.clock()))
 
     def local_disk_failed(self, exc: BackingError) -> None:
         """Applier thread: this node's disk refused a replicated write."""
@@ -807,7 +824,10 @@ class Engine(SyncMixin):
             if discard_my_data and self.role == "primary":
                 raise Refused("a primary cannot discard its data",
                               "demote it first (mirrorctl secondary)")
-            if self.session is not None and self.peer is not None and self.decision is not None:
+            # want_connect: a `disconnect` just before may not have closed the session
+            # yet (the link thread does that); this connect must still undo it.
+            if (self.want_connect and self.session is not None and self.peer is not None
+                    and self.decision is not None):
                 return f"already connected to {self.peer_node}"
             self.discard_my_data = discard_my_data
             self.want_connect = True
