@@ -121,3 +121,29 @@ def mirror_pair(netns_pair_factory):
     finally:
         for pair in reversed(made):
             pair.close()
+
+
+@pytest.fixture
+def cluster():
+    """``make(start=True, **Cluster options) -> Cluster``: a real two-node Corosync +
+    Pacemaker cluster in namespaces (tests/cluster.py), started unless ``start=False``
+    (to put files in ``node_dir()`` first); every one closed at teardown.  Skips, with
+    the reason, only where a cluster cannot run (not root, corosync/pacemaker missing)."""
+    import cluster as cluster_module
+
+    reason = cluster_module.unusable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    made: list = []
+
+    def make(start: bool = True, **options):
+        c = cluster_module.Cluster(**options)
+        made.append(c)
+        if start:
+            c.start()
+        return c
+
+    try:
+        yield make
+    finally:
+        _close_all(made)

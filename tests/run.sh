@@ -21,6 +21,12 @@ command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v fio >/dev/null || need+=(fio)
 command -v e2fsck >/dev/null || need+=(e2fsprogs)
 command -v losetup >/dev/null || need+=(mount)
+# a real Corosync + Pacemaker pair for the cluster tests (tests/cluster.py); crm_mon and
+# cibadmin are only Recommends of pacemaker; resource-agents brings ocf-tester.
+command -v corosync >/dev/null || need+=(corosync)
+command -v pacemakerd >/dev/null || need+=(pacemaker)
+command -v crm_mon >/dev/null || need+=(pacemaker-cli-utils)
+command -v ocf-tester >/dev/null || need+=(resource-agents)
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${need[@]}"
