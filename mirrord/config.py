@@ -44,14 +44,29 @@ SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
 RATE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}  # sync_rate suffixes
 
 RESOURCE_KEYS = ("name", "protocol", "secret", "secret_file", "volume_id", "sync_rate",
-                 "dead_peer_timeout", "after_split_brain")
+                 "dead_peer_timeout", "after_split_brain", "fencing", "fence_peer",
+                 "unfence_peer", "fence_timeout", "cluster")
+# How a primary that goes on without its peer first makes sure the peer cannot be
+# promoted (mirrord/fencing.py): like DRBD's fencing dont-care / resource-only /
+# resource-and-stonith.
+FENCING_POLICIES = ("none", "resource-only", "resource-and-stonith")
+DEFAULT_FENCING = "resource-only"
+DEFAULT_FENCE_TIMEOUT = 10.0  # seconds for the peer's answer, and for the handler
+CLUSTER_MODES = ("corosync", "none")  # join a corosync process group, or not
+# [hooks]: a shell command per event (mirrord/hooks.py), `exec` (a program, given the
+# event name) for all, and their timeout.
+HOOK_EVENTS = ("connect", "disconnect", "sync-start", "sync-done", "split-brain",
+               "role-change")
+HOOK_KEYS = HOOK_EVENTS + ("exec", "timeout")
+DEFAULT_HOOK_TIMEOUT = 30.0
 # What to do when both nodes wrote while apart (DRBD's after-sb-0pri, for secondaries):
 # "disconnect" leaves it to the operator; the others pick the node whose changes go.
 SPLIT_BRAIN_POLICIES = ("disconnect", "discard-zero-changes", "discard-least-changes")
 NODE_KEYS = ("interface", "disk", "metadata", "nbd_socket", "control_socket", "mac", "metrics")
 NODE_PATH_KEYS = ("disk", "metadata", "nbd_socket", "control_socket")
 SOCKET_KEYS = ("nbd_socket", "control_socket")
-TOP_KEYS = ("resource", "nodes")
+TOP_KEYS = ("resource", "nodes", "hooks")
+REQUIRED_TOP_KEYS = ("resource", "nodes")
 
 _TOML_TYPES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
                dict: "a table", list: "an array"}
@@ -100,6 +115,13 @@ class ResourceConfig:
     peer: NodeConfig  # the other box
     nodes: dict[str, NodeConfig]  # both, by name
     after_split_brain: str = "disconnect"  # one of SPLIT_BRAIN_POLICIES
+    fencing: str = DEFAULT_FENCING  # one of FENCING_POLICIES
+    fence_peer: str | None = None  # shell command that makes the peer unpromotable
+    unfence_peer: str | None = None  # shell command that undoes it once the peer is good
+    fence_timeout: float = DEFAULT_FENCE_TIMEOUT
+    cluster: str = "corosync"  # one of CLUSTER_MODES
+    hooks: dict = field(default_factory=dict)  # event -> shell command; "exec" -> program
+    hook_timeout: float = DEFAULT_HOOK_TIMEOUT
 
 
 def default_volume_id(name: str) -> int:
@@ -159,7 +181,7 @@ class _Loader:
     def load(self, node: str | None) -> ResourceConfig:
         doc = self.read()
         self.no_unknown_keys(doc, "", TOP_KEYS)
-        for key in TOP_KEYS:
+        for key in REQUIRED_TOP_KEYS:
             if key not in doc:
                 raise self.error(key, f"missing (add a [{key}] section)" if key == "resource"
                                  else "missing (add two [nodes.NAME] sections)")
@@ -172,6 +194,13 @@ class _Loader:
         sync_rate = self.sync_rate(resource)
         dead_peer_timeout = self.dead_peer_timeout(resource)
         after_split_brain = self.after_split_brain(resource)
+        fencing = self.choice(resource, "fencing", FENCING_POLICIES, DEFAULT_FENCING)
+        fence_peer = self.command(resource, "resource", "fence_peer")
+        unfence_peer = self.command(resource, "resource", "unfence_peer")
+        fence_timeout = self.seconds(resource, "resource", "fence_timeout",
+                                     DEFAULT_FENCE_TIMEOUT)
+        cluster = self.choice(resource, "cluster", CLUSTER_MODES, "corosync")
+        hooks, hook_timeout = self.hooks(doc)
 
         nodes = self.nodes(self.typed(doc, "nodes", dict))
         this = self.pick_node(nodes, node)
@@ -179,7 +208,9 @@ class _Loader:
         return ResourceConfig(
             path=self.path, name=name, protocol=protocol, secret=secret, volume_id=volume_id,
             sync_rate=sync_rate, dead_peer_timeout=dead_peer_timeout, node=this, peer=peer,
-            nodes=nodes, after_split_brain=after_split_brain,
+            nodes=nodes, after_split_brain=after_split_brain, fencing=fencing,
+            fence_peer=fence_peer, unfence_peer=unfence_peer, fence_timeout=fence_timeout,
+            cluster=cluster, hooks=hooks, hook_timeout=hook_timeout,
         )
 
     # -- generic checks -------------------------------------------------------------
@@ -224,6 +255,42 @@ class _Loader:
             raise self.error("resource.after_split_brain",
                              f"{value!r} must be one of {', '.join(SPLIT_BRAIN_POLICIES)}")
         return value
+
+    def choice(self, resource: dict, key: str, allowed: tuple[str, ...], default: str) -> str:
+        if key not in resource:
+            return default
+        value = self.typed(resource, key, str, "resource")
+        if value not in allowed:
+            raise self.error(f"resource.{key}", f"{value!r} must be one of {', '.join(allowed)}")
+        return value
+
+    def command(self, table: dict, where: str, key: str) -> str | None:
+        """A shell command (run with /bin/sh -c): a non-empty string."""
+        if key not in table:
+            return None
+        value = self.typed(table, key, str, where)
+        if not value.strip():
+            raise self.error(_join(where, key), "is empty (remove the key to run nothing)")
+        return value
+
+    def seconds(self, table: dict, where: str, key: str, default: float) -> float:
+        if key not in table:
+            return default
+        value = float(self.typed(table, key, (int, float), where))
+        if not 0 < value < float("inf"):
+            raise self.error(_join(where, key), f"{value} must be a positive number of seconds")
+        return value
+
+    def hooks(self, doc: dict) -> tuple[dict, float]:
+        if "hooks" not in doc:
+            return {}, DEFAULT_HOOK_TIMEOUT
+        table = self.typed(doc, "hooks", dict)
+        self.no_unknown_keys(table, "hooks", HOOK_KEYS)
+        commands = {key: self.command(table, "hooks", key) for key in table if key != "timeout"}
+        if "exec" in commands and not os.path.isabs(commands["exec"]):
+            raise self.error("hooks.exec", f"{commands['exec']!r} must be the absolute path of "
+                                           f"a program (it gets the event name as $1)")
+        return commands, self.seconds(table, "hooks", "timeout", DEFAULT_HOOK_TIMEOUT)
 
     def protocol(self, resource: dict) -> str:
         if "protocol" not in resource:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -25,11 +26,14 @@ from protocol import Connection, ConnectionConfig, ProtocolError
 
 from .applier import Applier
 from .backing import BackingStore
+from .cluster import ClusterLink
 from .config import ConfigFileError, check_local, load_config
 from .control import ControlRefused, ControlServer, request_arg
 from .engine import Engine, Refused
 from .events import DEFAULT_INTERVAL, KEEPALIVE, status_events
 from .faults import parse_fault_spec
+from .fencing import Fencer
+from .hooks import HookConfig, HookRunner
 from .iface import InterfaceError
 from .link import Link
 from .link_service import LinkService
@@ -98,11 +102,26 @@ class Daemon:
             self.store.close()
             raise StartupError(f"{cfg.path}: {exc}") from None
         self.link.add(conn)
+        env = {"MIRRORD_RESOURCE": cfg.name, "MIRRORD_NODE": node.name,
+               "MIRRORD_PEER": cfg.peer.name, "MIRRORD_CONFIG": os.path.abspath(cfg.path)}
+        self.cluster = None
+        if cfg.cluster == "corosync":
+            self.cluster = ClusterLink(cfg.name, node.name, cfg.peer.name,
+                                       on_outdate_request=self._outdate_request)
+        fencer = None
+        if cfg.fencing != "none":
+            fencer = Fencer(policy=cfg.fencing, timeout=cfg.fence_timeout, cluster=self.cluster,
+                            fence_peer=cfg.fence_peer, unfence_peer=cfg.unfence_peer, env=env)
+        hooks = dict(cfg.hooks)
+        self.hooks = HookRunner(HookConfig(commands=hooks, exec_all=hooks.pop("exec", None),
+                                           timeout=cfg.hook_timeout), env)
         self.engine = Engine(
             resource=cfg.name, node=node.name, peer_node=cfg.peer.name,
             protocol=cfg.protocol, store=self.store, metastore=self.metastore,
             sync_rate=cfg.sync_rate, activity_log=activity_log,
-            after_split_brain=cfg.after_split_brain, on_fatal=self._fatal)
+            after_split_brain=cfg.after_split_brain, on_fatal=self._fatal,
+            fencer=fencer, hooks=self.hooks if self.hooks.configured else None,
+            cluster=self.cluster)
         self.service = LinkService(self.link, conn, self.engine.on_event)
         self.applier = Applier(self.engine)
         self.engine.attach(self.service, self.applier)
@@ -115,6 +134,10 @@ class Daemon:
             from .metrics import MetricsServer  # prometheus-client: only when configured
             self.metrics = MetricsServer(node.metrics, self.engine.status, self._link_counters,
                                          resource=cfg.name, node=node.name)
+
+    def _outdate_request(self, requester: str) -> tuple[bool, str]:
+        """The cluster thread: the peer asks this node to outdate its disk."""
+        return self.engine.outdate_by_peer(requester)
 
     def _fatal(self, code: int, message: str) -> None:
         log.error("stopping: %s", message)
@@ -161,15 +184,35 @@ class Daemon:
                 return {"ok": True, "message": engine.pause_sync()}
             if command == "resume-sync":
                 return {"ok": True, "message": engine.resume_sync()}
+            if command == "resume-io":
+                return {"ok": True, "message": engine.resume_io()}
             if command == "disconnect":
                 return {"ok": True, "message": engine.disconnect()}
+            if command == "stop":
+                return {"ok": True, "message": self._stop_request(
+                    request_arg(request, "force", bool, False))}
         except Refused as exc:
             raise ControlRefused(exc.error, exc.hint) from None
         raise ControlRefused(f"unknown command {command!r}",
                              "mirrorctl --help lists the commands")
 
+    def _stop_request(self, force: bool) -> str:
+        """`mirrorctl down`: a clean stop, as SIGTERM does; refused while the export is in
+        use (a mounted filesystem would lose its disk), unless forced."""
+        clients = self.nbd.client_count
+        if clients and not force:
+            raise ControlRefused(f"{clients} NBD client(s) are connected to the export",
+                                 "stop them first (umount the filesystem, stop nbdfuse or "
+                                 "qemu), or use --force to cut them off")
+        log.info("%s: stop requested over the control socket", self.cfg.name)
+        self.stopping.set()
+        return f"{self.cfg.name} on {self.cfg.node.name}: stopping"
+
     def run(self) -> int:
         cfg = self.cfg
+        self.hooks.start()
+        if self.cluster is not None:
+            self.cluster.start()
         self.applier.start()
         self.service.start()
         try:
@@ -218,8 +261,11 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.close()
         self.engine.shutdown()
+        if self.cluster is not None:
+            self.cluster.stop()
         self.applier.stop()
         self.service.stop()
+        self.hooks.stop()
         self.store.close()
         self.metastore.close()
 

@@ -48,6 +48,7 @@ from resync.metadata import max_al_extents
 
 from .backing import BackingError, BackingStore
 from .completion import Completion
+from .engine_fence import FenceMixin
 from .engine_sync import SyncMixin
 from .errors import Refused
 from .metafile import MetadataFileError, MetaStore
@@ -63,6 +64,8 @@ MAX_WRITE_PIECE = 4 << 20
 MAX_UNREPLIED = 64 << 20
 # How long a writer waits for room before giving up on the peer (it is then dropped).
 ROOM_TIMEOUT = 30.0
+# A refused session is closed once the peer acknowledged our REFUSE, or after this long.
+REFUSE_LINGER = 2.0
 
 
 @dataclass
@@ -88,12 +91,13 @@ class PeerView:
     discard_my_data: bool = False
 
 
-class Engine(SyncMixin):
+class Engine(SyncMixin, FenceMixin):
     def __init__(self, *, resource: str, node: str, peer_node: str, protocol: str,
                  store: BackingStore, metastore: MetaStore,
                  sync_rate: int | None = None, activity_log: bool = True,
                  after_split_brain: str = "disconnect",
-                 on_fatal: Callable[[int, str], None] | None = None) -> None:
+                 on_fatal: Callable[[int, str], None] | None = None,
+                 fencer=None, hooks=None, cluster=None) -> None:
         self.resource = resource
         self.node = node
         self.peer_node = peer_node
@@ -143,6 +147,10 @@ class Engine(SyncMixin):
         self.verify_found = 0  # blocks the running or last verify found different
         self.verify_done: dict | None = None  # the last verify's result
         self.applier = None  # Applier, attached before start
+        self.fencer = fencer  # mirrord/fencing.py Fencer; None: policy "none"
+        self.hooks = hooks  # mirrord/hooks.py HookRunner, or None
+        self.cluster = cluster  # mirrord/cluster.py ClusterLink, or None
+        self._init_fencing()
         self._recover()
 
     # --- wiring ---------------------------------------------------------------------
@@ -266,6 +274,7 @@ class Engine(SyncMixin):
             return
         completion = Completion(done)
         with self._lock:
+            self._wait_unfrozen()
             if self.replicating:
                 self._send_request(MessageType.FLUSH, 0, completion, encode_flush)
         self._finish_local(completion, None, durable=True)
@@ -282,6 +291,7 @@ class Engine(SyncMixin):
             if self.replicating:
                 self._wait_for_room(nbytes)
             with self._lock:
+                self._wait_unfrozen()  # the peer is being fenced: nothing goes on before
                 if self.role != "primary":
                     completion.part_done(errno.EPERM)
                     return
@@ -322,7 +332,7 @@ class Engine(SyncMixin):
                 completion.add_part()
             elif self.protocol == "B":
                 completion.add_part()
-                on_acked = completion.acked
+                on_acked = lambda delivered: self._peer_received(completion, delivered)  # noqa: E731
         self._pending[ident] = Pending(kind, nbytes, completion if waits_reply else None,
                                        offset, span)
         self._unreplied += nbytes
@@ -412,7 +422,10 @@ class Engine(SyncMixin):
             self.sync = None
             if was_replicating or self.role == "primary":
                 self._note_peer_behind()
+            if self.role == "primary":
+                self._fence_peer(f"connection to {self.peer_node} lost: {event.reason}")
             self._complete_all_pending()
+            self._hook("disconnect", reason=event.reason)
 
     def _flush_bitmap_quietly(self) -> None:
         try:
@@ -431,7 +444,7 @@ class Engine(SyncMixin):
                 self._al_end(entry.offset, entry.span)
         for entry in pending.values():
             if entry.completion is not None:
-                entry.completion.part_done(0)
+                self._hold_or_complete(entry.completion)
 
     def _on_reply(self, ident: int, error: int) -> None:
         with self._lock:
@@ -542,8 +555,14 @@ class Engine(SyncMixin):
             return
         self.decision = decision
         self.split_brain = None
+        self._fence_cancel()
         log.info("%s: peer %s: %s%s (rule %d)", self.resource, peer.node, decision.value,
                  f", {kind.value} resync" if kind is not Kind.NONE else "", verdict.rule)
+        if decision is not Decision.TARGET:
+            self._clear_outdated()  # in sync with the peer, or newer than it
+        if decision is Decision.IN_SYNC:
+            self._peer_up_to_date()
+        self._hook("connect", peer_role=peer.role, peer_disk=peer.disk)
         if decision is Decision.SOURCE:
             self.replicating = self.role == "primary" and not self.disk_failed
             self.sync_role = "source"
@@ -553,6 +572,7 @@ class Engine(SyncMixin):
             if kind is Kind.FULL:
                 self.bitmap.set_all()
             self._flush_bitmap_quietly()
+            self._hook("sync-start", sync_role="source")
         elif decision is Decision.TARGET:
             self.discard_my_data = False
             self.sync_role = "target"
@@ -563,6 +583,7 @@ class Engine(SyncMixin):
             bits = bytes(self.bitmap.bits)
             self.service.submit(encode_control(MessageType.BITMAP, {"bits": bits}),
                                 self.session)
+            self._hook("sync-start", sync_role="target")
 
     def _split_brain_victim_is_me(self) -> bool | None:
         """The configured automatic policy's verdict: True (discard mine), False (the
@@ -602,14 +623,33 @@ class Engine(SyncMixin):
         body = {"reason": reason}
         if self.split_brain is not None:
             body["split_brain"] = self.split_brain
-        self.service.submit(encode_control(MessageType.REFUSE, body), self.session)
-        service = self.service
-        service.call_soon(lambda: service.conn.close(reason, now=service.link.clock()))
+        # The session ends once the peer's link has the REFUSE (closing at once would
+        # drop it unsent), or after REFUSE_LINGER if the peer does not acknowledge it.
+        session, service = self.session, self.service
+
+        def close(_delivered: bool = False) -> None:
+            service.call_soon(lambda: self._close_session(session, reason))
+
+        self.service.submit(encode_control(MessageType.REFUSE, body), session, close)
+        timer = threading.Timer(REFUSE_LINGER, close)
+        timer.daemon = True
+        timer.start()
         if self.role == "primary":
             self._note_peer_behind()
+            self._fence_peer(f"connection to {self.peer_node} refused: {reason}")
         self._complete_all_pending()
+        if split_brain:
+            self._hook("split-brain", reason=reason,
+                       this_node_bytes=self.split_brain["this_node_bytes"],
+                       peer_bytes=self.split_brain["peer_bytes"])
         if fatal_if_secondary and self.role != "primary":
             self.on_fatal(2, reason)
+
+    def _close_session(self, session: int | None, reason: str) -> None:
+        """In the link thread: end `session` if it is still the current one."""
+        conn = self.service.conn
+        if session is not None and conn.session_id == session:
+            conn.close(reason, now=self.service.link.clock())
 
     def on_peer_refused(self, session: int, body: dict) -> None:
         """The peer ended the connection and said why.  Its REFUSE often arrives after
@@ -661,6 +701,8 @@ class Engine(SyncMixin):
             return "failed"
         if self.sync_role == "target" or not self.meta.consistent:
             return "inconsistent"
+        if self.meta.outdated:
+            return "outdated"
         return "up-to-date"
 
     def connection_state(self) -> str:
@@ -727,6 +769,14 @@ class Engine(SyncMixin):
                 "generation": {"current": f"{self.meta.current:016x}",
                                "bitmap": f"{self.meta.bitmap:016x}"},
             }
+            status["outdated"] = ({"by": self.meta.outdated_by,
+                                   "reason": f"{self.meta.outdated_by} went on writing "
+                                             f"without this node; a resync from it makes "
+                                             f"this disk up to date again"}
+                                  if self.meta.outdated else None)
+            status["io_frozen"] = self.io_frozen
+            status["fencing"] = self._fence_status()
+            status["cluster"] = self.cluster.status() if self.cluster is not None else None
             if self.refusal is not None:
                 status["refused"] = self.refusal
             if self.sync is not None:
@@ -751,6 +801,7 @@ class Engine(SyncMixin):
                 raise Refused("this node is the target of a running resync "
                               f"({self.sync.as_dict()['percent'] if self.sync else 0}% done)",
                               "wait for it to finish (mirrorctl status)")
+            self._check_outdated_promotion(force)
             forced = False
             if not self.meta.consistent:
                 if not force:
@@ -770,6 +821,8 @@ class Engine(SyncMixin):
                 self.replicating = False
             if not self.replicating:
                 self._note_peer_behind()
+            if self.session is None:
+                self._fence_peer(f"promoted while {self.peer_node} is not connected")
             if forced and self.peer is not None:
                 self._snapshot = self._generation()
                 self._snapshot_dirty = self.bitmap.dirty_bytes()
@@ -780,6 +833,7 @@ class Engine(SyncMixin):
                 self._send_state()
             log.info("%s: %s is now primary%s", self.resource, self.node,
                      " (forced)" if forced else "")
+            self._hook("role-change", old_role="secondary")
             return f"{self.node} is now primary" + (" (forced)" if forced else "")
 
     def demote(self) -> str:
@@ -792,6 +846,7 @@ class Engine(SyncMixin):
                               "stop them first (umount the filesystem, stop nbdfuse or "
                               "qemu), then demote")
             self.role = "secondary"  # new writes are refused from here on
+            self._thaw_on_demote()
         with self._order:  # writes already inside finish their local part
             pass
         self._wait_for_peer(ROOM_TIMEOUT)
@@ -805,6 +860,7 @@ class Engine(SyncMixin):
             self.crashed_primary = False
             self.replicating = False
             self._send_state()
+            self._hook("role-change", old_role="primary")
         log.info("%s: %s is now secondary", self.resource, self.node)
         return f"{self.node} is now secondary"
 
@@ -842,6 +898,7 @@ class Engine(SyncMixin):
             self.want_connect = False
             if self.role == "primary":
                 self._note_peer_behind()
+                self._fence_peer("disconnected by the operator")
         service = self.service
         service.call_soon(lambda: service.conn.close("disconnected by the operator",
                                                      now=service.link.clock()))

@@ -256,6 +256,8 @@ class SyncMixin:
         self.crashed_primary = False  # resolved: the peer holds everything now
         if self.peer is not None:
             self.peer.disk = "up-to-date"
+        self._peer_up_to_date()
+        self._hook("sync-done", sync_role="source")
 
     def sync_finished_as_target(self, session: int) -> None:
         """Applier thread, after SYNC_END's data is durable: this disk is up to date."""
@@ -267,13 +269,15 @@ class SyncMixin:
             self._flush_bitmap_quietly()
             source = peer.generation
             self._persist(consistent=True, current=source.current, bitmap=NO_ID,
-                          history=tuple(source.history), sync_source=NO_ID, primary=False)
+                          history=tuple(source.history), sync_source=NO_ID, primary=False,
+                          outdated=False, outdated_by="")
             self.crashed_primary = False
             self.sync_role = None
             self.sync = None
             self.decision = Decision.IN_SYNC
             log.info("%s: resync from %s finished: disk up to date", self.resource, peer.node)
             self._send_state()
+            self._hook("sync-done", sync_role="target")
 
     def sync_applied(self, nbytes: int) -> None:
         with self._lock:

@@ -14,7 +14,11 @@ copies too much, never too little).
 Superblock body (msgpack map): size, block (bitmap block), extent (activity-log
 extent), node, volume_id, current, bitmap, history (generation ids, see
 resync/generations.py), consistent, primary (set while primary: still set after a
-crash), sync_source (a resync target remembers its source's generation, to resume).
+crash), sync_source (a resync target remembers its source's generation, to resume),
+outdated and outdated_by (a primary that went on without this node said so through the
+cluster: this disk must not be promoted until a resync brings it up to date),
+peer_fenced (this node ran the fence-peer handler: it runs unfence-peer once the peer
+is up to date again).  Fields added later have defaults, so older files still read.
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ class Metadata:
     consistent: bool = False
     primary: bool = False
     sync_source: int = NO_ID
+    outdated: bool = False
+    outdated_by: str = ""
+    peer_fenced: bool = False
 
     def generation(self, crashed_primary: bool, dirty: bool = False) -> Generation:
         return Generation(self.current, self.bitmap, tuple(self.history), self.consistent,

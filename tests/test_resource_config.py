@@ -200,8 +200,9 @@ def test_example_config_optional_lines_are_valid(tmp_path):
     """Uncommenting the example's `# key = value` lines must give a valid file."""
     text = open(EXAMPLE).read()
     uncommented = re.sub(
-        r"^# ((secret|volume_id|sync_rate|dead_peer_timeout|mac|metrics) = .*)$",
-        r"\1", text, flags=re.M)
+        r"^# ((secret|volume_id|sync_rate|dead_peer_timeout|mac|metrics|fencing|fence_peer|"
+        r"unfence_peer|fence_timeout|cluster|disconnect|role-change|exec|timeout) = .*)$",
+        r"\1", text, flags=re.M).replace("\n# [hooks]\n", "\n[hooks]\n")
     assert uncommented.count("\nmac = ") == 2 and uncommented.count("\nmetrics = ") == 2
     # secret and secret_file are exclusive: keep the inline one.
     path = tmp_path / "r0.toml"
@@ -210,6 +211,9 @@ def test_example_config_optional_lines_are_valid(tmp_path):
     assert cfg.secret and cfg.volume_id == 7 and cfg.sync_rate == 200 << 20
     assert cfg.node.mac and cfg.peer.mac and cfg.dead_peer_timeout == 2.0
     assert cfg.node.metrics == ("127.0.0.1", 9942) == cfg.peer.metrics
+    assert cfg.fencing == "resource-only" and cfg.fence_peer and cfg.unfence_peer
+    assert cfg.cluster == "corosync" and cfg.fence_timeout == 10
+    assert set(cfg.hooks) == {"disconnect", "role-change", "exec"} and cfg.hook_timeout == 30
 
 
 # -- file-level errors ------------------------------------------------------------------
@@ -457,3 +461,54 @@ def test_after_split_brain_policy(write):
     with pytest.raises(ConfigFileError) as err:
         load_config(write(doc), "alpha")
     assert err.value.key == "resource.after_split_brain" and "discard-zero-changes" in str(err.value)
+
+
+def test_fencing_keys(write):
+    cfg = load_config(write(good_doc()), "alpha")
+    assert (cfg.fencing, cfg.fence_peer, cfg.unfence_peer, cfg.fence_timeout, cfg.cluster) == (
+        "resource-only", None, None, 10.0, "corosync")
+    doc = good_doc()
+    doc["resource"].update(fencing="resource-and-stonith", fence_peer="python3 -m ha.crm_fence fence",
+                           unfence_peer="python3 -m ha.crm_fence unfence", fence_timeout=3,
+                           cluster="none")
+    cfg = load_config(write(doc), "alpha")
+    assert cfg.fencing == "resource-and-stonith" and cfg.fence_timeout == 3.0
+    assert cfg.fence_peer.endswith("fence") and cfg.cluster == "none"
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("fencing", "stonith", "must be one of none, resource-only, resource-and-stonith"),
+    ("fencing", 1, "must be a string, not an integer"),
+    ("fence_peer", "  ", "is empty"),
+    ("fence_timeout", 0, "must be a positive number of seconds"),
+    ("cluster", "pacemaker", "must be one of corosync, none"),
+])
+def test_bad_fencing_keys_name_the_key(write, key, value, problem):
+    doc = good_doc()
+    doc["resource"][key] = value
+    with pytest.raises(ConfigFileError) as err:
+        load_config(write(doc), "alpha")
+    assert err.value.key == f"resource.{key}" and problem in str(err.value)
+
+
+def test_hooks_section(write):
+    doc = good_doc()
+    doc["hooks"] = {"disconnect": "logger -t mirrord down", "exec": "/usr/local/bin/hook",
+                    "timeout": 5}
+    cfg = load_config(write(doc), "alpha")
+    assert cfg.hooks == {"disconnect": "logger -t mirrord down", "exec": "/usr/local/bin/hook"}
+    assert cfg.hook_timeout == 5.0
+
+
+@pytest.mark.parametrize("hooks, key, problem", [
+    ({"on-disconnect": "x"}, "hooks.on-disconnect", "unknown key (did you mean 'disconnect'?)"),
+    ({"exec": "hook.sh"}, "hooks.exec", "must be the absolute path of a program"),
+    ({"role-change": 3}, "hooks.role-change", "must be a string"),
+    ({"timeout": -1}, "hooks.timeout", "must be a positive number of seconds"),
+])
+def test_bad_hooks_name_the_key(write, hooks, key, problem):
+    doc = good_doc()
+    doc["hooks"] = hooks
+    with pytest.raises(ConfigFileError) as err:
+        load_config(write(doc), "alpha")
+    assert err.value.key == key and problem in str(err.value)
