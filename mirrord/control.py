@@ -31,6 +31,7 @@ import math
 import os
 import socket
 import stat
+import struct
 import threading
 from typing import Any, Callable, Iterator
 
@@ -66,11 +67,17 @@ class ControlRefused(ControlError):
 
 class ControlUnavailable(ControlError):
     """The client could not get an answer: no socket, nobody listening, timeout, or a
-    reply that is not ours.  The message names the socket."""
+    reply that is not ours.  The message names the socket.
 
-    def __init__(self, path: str, message: str) -> None:
+    ``not_running`` is True when no daemon can be there at all (no socket file, or
+    nobody listening on it: a stale file), False when something holds the socket but
+    gave no valid answer (stuck, overloaded, or not mirrord): `mirrorctl up`/`down` and
+    the OCF agent must tell "stopped" from "hung"."""
+
+    def __init__(self, path: str, message: str, not_running: bool = False) -> None:
         super().__init__(message)
         self.path = path
+        self.not_running = not_running
 
 
 class ControlSocketInUse(ControlError, OSError):
@@ -403,11 +410,27 @@ class ControlClient:
             sock.connect(self.path)
         except OSError as err:
             sock.close()
-            raise self._unavailable(_connect_problem(err)) from None
+            not_running = isinstance(err, (FileNotFoundError, ConnectionRefusedError))
+            raise self._unavailable(_connect_problem(err), not_running) from None
         self._sock, self._reader = sock, sock.makefile("rb")
 
-    def _unavailable(self, problem: str) -> ControlUnavailable:
-        return ControlUnavailable(self.path, f"control socket {self.path}: {problem}")
+    def peer_pid(self) -> int | None:
+        """The PID of the process serving the open connection (SO_PEERCRED, recorded at
+        connect time), or None: not connected, or the daemon is in a PID namespace this
+        process cannot see (the kernel then reports 0)."""
+        if self._sock is None:
+            return None
+        creds = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                      _UCRED.size)
+        pid = _UCRED.unpack(creds)[0]
+        return pid or None
+
+    def _unavailable(self, problem: str, not_running: bool = False) -> ControlUnavailable:
+        return ControlUnavailable(self.path, f"control socket {self.path}: {problem}",
+                                  not_running)
+
+
+_UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid (SO_PEERCRED)
 
 
 def _connect_problem(err: OSError) -> str:

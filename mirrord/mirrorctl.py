@@ -6,6 +6,9 @@
     mirrorctl --socket /run/mirrord/r0.ctl secondary | connect | disconnect
     mirrorctl --config /etc/mirrord/r0.toml events [--interval S] [--count N]
     mirrorctl --config /etc/mirrord/r0.toml watch [--interval S] [--count N]
+    mirrorctl --config /etc/mirrord/r0.toml up [--log-file PATH] [--timeout S]
+    mirrorctl --config /etc/mirrord/r0.toml down [--force] [--timeout S]
+    mirrorctl --config /etc/mirrord/r0.toml check
 
 The daemon is found through its control socket: the one this node's section of the
 config names (this node: --node, else the hostname), or --socket PATH.  Every request
@@ -15,10 +18,22 @@ is one JSON line on that socket (mirrord/control.py); the OCF agent uses the sam
 Ctrl-C, --count lines or the daemon stops; `watch` shows the state and the resync live
 (mirrord/watch.py).  Both exit 0 on Ctrl-C and 3 when the daemon goes away.
 
+`up` starts the daemon detached (stdout and stderr appended to --log-file, default
+/var/log/mirrord/<resource>.log) and returns once it answers; `down` asks it to stop
+and returns once its process has exited (mirrord/updown.py).  Both are done when there
+is nothing to do ("already running", "not running").  `check` checks the config and
+what it names on this box, as the daemon does at start.
+
+`status --json` when the daemon cannot be reached: exit 3, and stdout has one object
+{"unreachable": "not-running" | "no-answer", "error": "..."}: not-running when no
+daemon is there (no control socket, or nobody listening on it), no-answer when
+something holds the socket but gives no valid reply (stuck, or not a mirrord).
+
 Exit codes:
   0  done
-  1  refused by the daemon (stderr: the reason, then what to do)
-  2  usage or config error
+  1  refused by the daemon (stderr: the reason, then what to do); `up`: the daemon
+     exited at start or did not answer in time; `down`: it did not exit in time
+  2  usage or config error (`up`: also the daemon exiting at start with its status 2)
   3  the daemon is not reachable (not running, stuck, or a stale socket)
 """
 
@@ -30,15 +45,19 @@ import math
 import os
 import sys
 
-from .config import ConfigFileError, load_config
-from .control import DEFAULT_TIMEOUT, MAX_REPLY, ControlClient, ControlUnavailable
+from . import updown
+from .config import ConfigFileError, check_local, load_config
+from .control import (
+    DEFAULT_TIMEOUT, MAX_REPLY, ControlClient, ControlRefused, ControlUnavailable,
+)
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
 EPILOG = """\
 exit codes:
   0  done
-  1  refused by the daemon (stderr: the reason, then what to do)
+  1  refused by the daemon (stderr: the reason, then what to do); up/down: the daemon
+     did not start or stop (stderr says why)
   2  usage or config error
   3  the daemon is not reachable (not running, stuck, or a stale socket)
 """
@@ -60,7 +79,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _target_options(p: argparse.ArgumentParser) -> None:
+def _target_options(p: argparse.ArgumentParser, timeout_help: str = "") -> None:
     # SUPPRESS: accepted before or after the command without one overwriting the other.
     g = p.add_argument_group("which daemon")
     g.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
@@ -70,7 +89,8 @@ def _target_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS,
                    help="the daemon's control socket, instead of --config")
     g.add_argument("--timeout", metavar="SECONDS", type=float, default=argparse.SUPPRESS,
-                   help=f"wait this long for the daemon (default {DEFAULT_TIMEOUT:g})")
+                   help=timeout_help
+                   or f"wait this long for the daemon (default {DEFAULT_TIMEOUT:g})")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -92,13 +112,30 @@ def parser() -> argparse.ArgumentParser:
                       "copying only blocks whose digests differ",
         "pause-sync": "pause the running (or next) resync",
         "resume-sync": "resume a paused resync",
+        "resume-io": "(on a primary) let writes go on although the peer could not be "
+                     "fenced (fencing resource-and-stonith): do not promote the peer then",
         "create-md": "write fresh metadata for this node's disk (before the first start; "
                      "needs --config, and mirrord stopped)",
+        "up": "start mirrord for this resource in the background, unless it runs; wait "
+              "until it answers (needs --config)",
+        "down": "stop mirrord cleanly and wait until it has exited (refused while NBD "
+                "clients are connected, unless --force)",
+        "check": "check the config and what it names on this box (disk, metadata "
+                 "directory, link interface); needs --config",
     }
     for name, text in helps.items():
         s = sub.add_parser(name, help=text, description=text, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        _target_options(s)
+        _target_options(s, f"wait this long for the daemon to start or stop (default "
+                           f"{updown.UP_TIMEOUT:g})" if name in ("up", "down") else "")
+        if name == "up":
+            s.add_argument("--log-file", metavar="PATH",
+                           help=f"append the daemon's output here (default "
+                                f"{updown.LOG_DIR}/<resource>.log)")
+        if name == "down":
+            s.add_argument("--force", action="store_true",
+                           help="stop even while NBD clients are connected (they lose "
+                                "the disk)")
         if name == "status":
             s.add_argument("--json", action="store_true",
                            help="print the daemon's status as JSON (for scripts)")
@@ -156,7 +193,8 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
     try:
         args = parser().parse_args(argv)
-        timeout = getattr(args, "timeout", DEFAULT_TIMEOUT)
+        timeout = getattr(args, "timeout", updown.UP_TIMEOUT if args.command in ("up", "down")
+                          else DEFAULT_TIMEOUT)
         if not timeout > 0:
             raise UsageError("--timeout must be a positive number of seconds")
         if args.command in ("events", "watch"):
@@ -167,7 +205,11 @@ def _main(argv) -> int:
                 raise UsageError("--count must be at least 1")
         if args.command == "create-md":
             return _create_md(args)
+        if args.command in ("up", "check"):
+            return _up_or_check(args, timeout)
         path, resource = resolve_target(args)
+        if args.command == "down":
+            return _down(args, path, resource, timeout)
     except UsageError as err:
         return _fail(EXIT_USAGE, str(err))
     except ConfigFileError as err:
@@ -186,14 +228,15 @@ def _main(argv) -> int:
         with ControlClient(path, timeout=timeout) as client:
             response = client.request(args.command, **request)
     except ControlUnavailable as err:
+        if args.command == "status" and args.json:
+            # For scripts and the OCF agent: stopped and hung are not the same failure.
+            print(json.dumps({"unreachable": "not-running" if err.not_running
+                              else "no-answer", "error": str(err)}))
         unit = f"mirrord@{resource}" if resource else "mirrord@<resource>"
         return _fail(EXIT_UNREACHABLE, f"{err} (check `systemctl status {unit}`)")
 
     if not response["ok"]:
-        print(f"mirrorctl: refused: {response.get('error') or 'no reason given'}", file=sys.stderr)
-        if response.get("hint"):
-            print(f"  what to do: {response['hint']}", file=sys.stderr)
-        return EXIT_REFUSED
+        return _refused(response.get("error"), response.get("hint"))
 
     if args.command == "status":
         status = response.get("status")
@@ -224,6 +267,34 @@ def _create_md(args) -> int:
     return EXIT_OK
 
 
+def _up_or_check(args, timeout: float) -> int:
+    """`up` and `check` read the config themselves: the daemon's command line and the
+    checks need the file, not just a socket."""
+    if getattr(args, "config", None) is None or getattr(args, "socket", None) is not None:
+        raise UsageError(f"{args.command} needs --config FILE (not --socket)")
+    cfg = load_config(args.config, getattr(args, "node", None))
+    if args.command == "check":
+        check_local(cfg)  # what the daemon checks at start
+        print(f"{cfg.path}: {cfg.name} on {cfg.node.name}: config OK")
+        return EXIT_OK
+    try:
+        print(updown.up(cfg, node=getattr(args, "node", None), log_file=args.log_file,
+                        timeout=timeout))
+    except updown.Failed as err:
+        return _fail(err.code, str(err), err.details)
+    return EXIT_OK
+
+
+def _down(args, path: str, resource: str | None, timeout: float) -> int:
+    try:
+        print(updown.down(path, name=resource, force=args.force, timeout=timeout))
+    except ControlRefused as err:
+        return _refused(err.error, err.hint)
+    except updown.Failed as err:
+        return _fail(err.code, str(err), err.details)
+    return EXIT_OK
+
+
 def _events(path: str, resource: str | None, timeout: float, interval: float,
             count: int | None) -> int:
     """`mirrorctl events`: one JSON object per line on stdout, flushed at once."""
@@ -232,11 +303,7 @@ def _events(path: str, resource: str | None, timeout: float, interval: float,
         with ControlClient(path, timeout=timeout) as client:
             for event in _stream(client, "events", interval=interval):
                 if not event["ok"]:
-                    print(f"mirrorctl: refused: {event.get('error') or 'no reason given'}",
-                          file=sys.stderr)
-                    if event.get("hint"):
-                        print(f"  what to do: {event['hint']}", file=sys.stderr)
-                    return EXIT_REFUSED
+                    return _refused(event.get("error"), event.get("hint"))
                 if event.get("type") == "keepalive":
                     continue  # only there to tell a live reader from a gone one
                 event = {k: v for k, v in event.items() if k != "ok"}
@@ -290,9 +357,19 @@ def _stream(client: ControlClient, command: str, **args):
         yield event
 
 
-def _fail(code: int, line: str) -> int:
+def _fail(code: int, line: str, details: list[str] = ()) -> int:
     print(f"mirrorctl: {line}", file=sys.stderr)
+    for detail in details:  # e.g. the end of the daemon's log, indented under the line
+        print(f"  {detail}", file=sys.stderr)
     return code
+
+
+def _refused(error: str | None, hint: str | None) -> int:
+    """The daemon said no: its reason, then what to do; exit 1."""
+    print(f"mirrorctl: refused: {error or 'no reason given'}", file=sys.stderr)
+    if hint:
+        print(f"  what to do: {hint}", file=sys.stderr)
+    return EXIT_REFUSED
 
 
 # -- human-readable status --------------------------------------------------------------
@@ -318,6 +395,22 @@ def format_status(status: dict) -> str:
     refused = get("refused")  # why the peer's last handshake was refused (split brain...)
     if refused:
         lines.append(f"  connection refused: {refused}")
+    outdated = get("outdated")  # why this disk may not be promoted
+    if isinstance(outdated, dict):
+        lines.append(f"  disk outdated: {_s(outdated.get('reason'))}")
+    fencing = get("fencing")
+    if get("io_frozen"):
+        detail = fencing.get("detail") if isinstance(fencing, dict) else None
+        lines.append("  writes frozen: fencing the peer" + (f" ({detail})" if detail else ""))
+    elif isinstance(fencing, dict) and fencing.get("state") == "failed":
+        lines.append(f"  peer not fenced: {_s(fencing.get('detail'))}")
+    cluster = get("cluster")
+    if isinstance(cluster, dict):
+        present = cluster.get("peer_present")
+        lines.append("  cluster: " + ("not joined (corosync not running?)"
+                                      if not cluster.get("joined") else
+                                      "peer's daemon present" if present else
+                                      "peer's daemon absent"))
     return "\n".join(lines)
 
 

@@ -27,6 +27,8 @@ command -v corosync >/dev/null || need+=(corosync)
 command -v pacemakerd >/dev/null || need+=(pacemaker)
 command -v crm_mon >/dev/null || need+=(pacemaker-cli-utils)
 command -v ocf-tester >/dev/null || need+=(resource-agents)
+# ocf-tester checks an agent's meta-data with xmllint (tests/test_ocf_agent.py).
+command -v xmllint >/dev/null || need+=(libxml2-utils)
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${need[@]}"
