@@ -1,7 +1,7 @@
 """deploy/pacemaker: the CIB XML passes Pacemaker's own check, its timeouts are at least
 the agent's advertised ones, and the pcs and crm forms say the same as the XML.
 
-(tests/test_ocf_cluster.py runs the XML form in a real cluster; the pcs and crm forms
+(tests/test_failover.py runs the XML form in a real cluster, tests/clustermirror.py; the pcs and crm forms
 were checked with pcs 0.11.5 and crmsh 4.4.1 against a CIB file, see deploy/pacemaker/
 README.md.)
 """
