@@ -404,13 +404,10 @@ def format_status(status: dict) -> str:
         lines.append("  writes frozen: fencing the peer" + (f" ({detail})" if detail else ""))
     elif isinstance(fencing, dict) and fencing.get("state") == "failed":
         lines.append(f"  peer not fenced: {_s(fencing.get('detail'))}")
-    cluster = get("cluster")
-    if isinstance(cluster, dict):
-        present = cluster.get("peer_present")
-        lines.append("  cluster: " + ("not joined (corosync not running?)"
-                                      if not cluster.get("joined") else
-                                      "peer's daemon present" if present else
-                                      "peer's daemon absent"))
+    cluster = get("cluster")  # shown only where a cluster runs: elsewhere it is noise
+    if isinstance(cluster, dict) and cluster.get("joined"):
+        lines.append("  cluster: peer's daemon " + ("present" if cluster.get("peer_present")
+                                                     else "absent"))
     return "\n".join(lines)
 
 

@@ -673,12 +673,7 @@ class _Connection:
                 except BlockingIOError:
                     return False
                 except OSError as exc:
-                    if not self._aborted:
-                        log.warning("nbd client %d: cannot send a reply: %s", self.ident, exc)
-                    try:
-                        self.sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                    self._send_failed(exc)
                     sent = len(reply)  # the stream is over: nothing more to send for it
                 if sent < len(reply):
                     # The rest must be the next bytes on the stream: first in the queue,
@@ -762,14 +757,17 @@ class _Connection:
                 else:
                     _sendmsg_all(self.sock, header, data)
             except OSError as exc:
-                # A half-sent reply leaves the stream unusable: end the connection.  The
-                # fd is valid here (closing it takes _send_lock), so shutdown is safe.
-                if not self._aborted:
-                    log.warning("nbd client %d: cannot send a reply: %s", self.ident, exc)
-                try:
-                    self.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                self._send_failed(exc)
+
+    def _send_failed(self, exc: OSError) -> None:
+        """Under _send_lock: a half-sent reply leaves the stream unusable, so end the
+        connection.  The fd is valid here (closing it takes _send_lock): shutdown is safe."""
+        if not self._aborted:
+            log.warning("nbd client %d: cannot send a reply: %s", self.ident, exc)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _sendmsg_all(sock: socket.socket, header: bytes, data) -> None:

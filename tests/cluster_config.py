@@ -104,6 +104,27 @@ CIB_XML = """\
 """
 
 
+# The stock ocf:pacemaker:Stateful agent as a promotable clone: the reference the
+# harness and the fence handler are tested with (CLUSTER-TESTING.md).
+STATEFUL_CLONE_ID = "stateful-clone"
+STATEFUL_CLONE = f"""
+<clone id="{STATEFUL_CLONE_ID}">
+  <meta_attributes id="{STATEFUL_CLONE_ID}-meta">
+    <nvpair id="{STATEFUL_CLONE_ID}-promotable" name="promotable" value="true"/>
+    <nvpair id="{STATEFUL_CLONE_ID}-promoted-max" name="promoted-max" value="1"/>
+    <nvpair id="{STATEFUL_CLONE_ID}-clone-max" name="clone-max" value="2"/>
+    <nvpair id="{STATEFUL_CLONE_ID}-clone-node-max" name="clone-node-max" value="1"/>
+  </meta_attributes>
+  <primitive id="stateful" class="ocf" provider="pacemaker" type="Stateful">
+    <operations>
+      <op id="stateful-monitor-promoted" name="monitor" interval="3s" role="Promoted"/>
+      <op id="stateful-monitor-unpromoted" name="monitor" interval="4s" role="Unpromoted"/>
+    </operations>
+  </primitive>
+</clone>
+"""
+
+
 def ids(owner: tuple[str, str]) -> tuple[int, int]:
     """(uid, gid) of a (user, group) pair."""
     return pwd.getpwnam(owner[0]).pw_uid, grp.getgrnam(owner[1]).gr_gid

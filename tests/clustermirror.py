@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from mirrorpair import REPO, files_equal, mirrorctl_argv
+from mirrorpair import REPO, files_equal, in_sync, mirrorctl_argv
 
 ENV = {"PYTHONPATH": REPO, "PYTHONUNBUFFERED": "1"}
 
@@ -109,10 +109,7 @@ class ClusterMirror:
 
     def wait_connected(self, timeout: float = 30) -> None:
         for node in self.c.nodes:
-            self.wait(node, lambda s: s["connection"] == "connected"
-                      and s["disk"] == "up-to-date" and s["peer"] is not None
-                      and s["peer"]["disk"] == "up-to-date", timeout,
-                      "connected, both disks up to date")
+            self.wait(node, in_sync, timeout, "connected, both disks up to date")
 
     def uri(self, node: str) -> str:
         """The export, reachable from the host too (a unix socket in the node's dir)."""

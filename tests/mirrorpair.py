@@ -152,10 +152,7 @@ class MirrorPair:
 
     def wait_connected(self, timeout: float = 30) -> None:
         for node in NODES:
-            self.wait(node, lambda s: s["connection"] == "connected"
-                      and s["disk"] == "up-to-date" and s["peer"] is not None
-                      and s["peer"]["disk"] == "up-to-date", timeout,
-                      "connected, both disks up to date")
+            self.wait(node, in_sync, timeout, "connected, both disks up to date")
 
     # --- data ---------------------------------------------------------------------
 
@@ -179,6 +176,12 @@ class MirrorPair:
                     proc.wait(timeout=10)
         shutil.rmtree(self.diskdir, ignore_errors=True)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def in_sync(status: dict) -> bool:
+    """A node's status says: connected, both disks up to date."""
+    return (status["connection"] == "connected" and status["disk"] == "up-to-date"
+            and status["peer"] is not None and status["peer"]["disk"] == "up-to-date")
 
 
 def files_equal(a: str, b: str, chunk: int = 4 << 20) -> bool:

@@ -22,25 +22,9 @@ import pytest
 
 import cluster_config
 from cluster import Cluster, parse_crm_mon
+from cluster_config import STATEFUL_CLONE, STATEFUL_CLONE_ID as CLONE
 
 
-CLONE = "stateful-clone"
-STATEFUL_CLONE = f"""
-<clone id="{CLONE}">
-  <meta_attributes id="{CLONE}-meta">
-    <nvpair id="{CLONE}-promotable" name="promotable" value="true"/>
-    <nvpair id="{CLONE}-promoted-max" name="promoted-max" value="1"/>
-    <nvpair id="{CLONE}-clone-max" name="clone-max" value="2"/>
-    <nvpair id="{CLONE}-clone-node-max" name="clone-node-max" value="1"/>
-  </meta_attributes>
-  <primitive id="stateful" class="ocf" provider="pacemaker" type="Stateful">
-    <operations>
-      <op id="stateful-monitor-promoted" name="monitor" interval="3s" role="Promoted"/>
-      <op id="stateful-monitor-unpromoted" name="monitor" interval="4s" role="Unpromoted"/>
-    </operations>
-  </primitive>
-</clone>
-"""
 # The brief's budgets; CLUSTER-TESTING.md measured ~5 s and 2.2-3.3 s here.
 PROMOTED_TIMEOUT_S = 15.0
 FAILOVER_TIMEOUT_S = 10.0

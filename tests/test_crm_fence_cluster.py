@@ -14,27 +14,11 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from cluster_config import STATEFUL_CLONE, STATEFUL_CLONE_ID as CLONE
 from mirrorpair import REPO
 
 pytestmark = [pytest.mark.netns, pytest.mark.cluster]
 
-CLONE = "stateful-clone"
-STATEFUL_CLONE = f"""
-<clone id="{CLONE}">
-  <meta_attributes id="{CLONE}-meta">
-    <nvpair id="{CLONE}-promotable" name="promotable" value="true"/>
-    <nvpair id="{CLONE}-promoted-max" name="promoted-max" value="1"/>
-    <nvpair id="{CLONE}-clone-max" name="clone-max" value="2"/>
-    <nvpair id="{CLONE}-clone-node-max" name="clone-node-max" value="1"/>
-  </meta_attributes>
-  <primitive id="stateful" class="ocf" provider="pacemaker" type="Stateful">
-    <operations>
-      <op id="stateful-monitor-promoted" name="monitor" interval="3s" role="Promoted"/>
-      <op id="stateful-monitor-unpromoted" name="monitor" interval="4s" role="Unpromoted"/>
-    </operations>
-  </primitive>
-</clone>
-"""
 SETTLE_S = 20.0  # Pacemaker acts on a CIB change within a transition (about a second)
 HOLD_S = 6.0  # how long "not promoted" must last: several monitor intervals and transitions
 CIBADMIN = "/usr/sbin/cibadmin"

@@ -17,7 +17,6 @@ bind-mounted over /usr/lib/ocf/resource.d/mirrord inside the nodes.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import shutil
@@ -30,6 +29,7 @@ import pytest
 
 from clustermirror import CLONE, CRM_FENCE, SETTLE_S, AckedWriter, bring_up
 from fuseblock import mounted, nbd_block_device
+from test_mirror_ext4 import read_digests, write_files
 
 pytestmark = [pytest.mark.netns, pytest.mark.cluster]
 
@@ -54,27 +54,6 @@ def run(argv, timeout=120):
     return result
 
 
-def write_files(root: str, seed: int, count: int = 40) -> dict[str, str]:
-    rng = random.Random(seed)
-    digests = {}
-    for i in range(count):
-        data = rng.randbytes(rng.choice([0, 100, 4096, 70_000, 300_000]))
-        name = f"f{i:02d}.bin"
-        with open(os.path.join(root, name), "wb") as f:
-            f.write(data)
-        digests[name] = hashlib.sha256(data).hexdigest()
-    return digests
-
-
-def read_digests(root: str) -> dict[str, str]:
-    out = {}
-    for name in os.listdir(root):
-        if name.endswith(".bin"):
-            with open(os.path.join(root, name), "rb") as f:
-                out[name] = hashlib.sha256(f.read()).hexdigest()
-    return out
-
-
 def hold_unpromoted(m, node: str, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -85,19 +64,19 @@ def hold_unpromoted(m, node: str, seconds: float) -> None:
 def test_power_off_of_the_primary_fails_over_with_every_acknowledged_write(
         cluster, dirs, tmp_path):
     agent_dir, config_dir = dirs
-    m, primary, survivor = bring_up(cluster, agent_dir, config_dir, size=256 * MiB,
+    m, primary, survivor = bring_up(cluster, agent_dir, config_dir, size=384 * MiB,
                                     extra_resource=CRM_FENCE, hold_s=HOLD_S)
     c = m.c
     fs_dir = tmp_path / "fs"  # made and removed by mounted()
-    # ext4 on the first 32 MiB of the old primary's export (nodiscard: no TRIM of the
-    # whole volume), files written and flushed, then unmounted.
+    # ext4 on the first 96 MiB of the old primary's export (nodiscard: no TRIM of the
+    # whole volume), 200 files (~60 MiB) written and flushed, then unmounted.
     with nbd_block_device(m.uri(primary), str(tmp_path)) as dev:
-        run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", dev, "32M"])
+        run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", dev, "96M"])
         with mounted(dev, str(fs_dir)):
-            files = write_files(str(fs_dir), seed=5)
+            files = write_files(str(fs_dir), random.Random(5))
             run(["sync", "-f", str(fs_dir)])
-    # A client keeps writing numbered blocks in 64..72 MiB while the box loses power.
-    writer = AckedWriter(m.uri(primary), 64 * MiB, 72 * MiB)
+    # A client keeps writing numbered blocks in 200..208 MiB while the box loses power.
+    writer = AckedWriter(m.uri(primary), 200 * MiB, 208 * MiB)
     time.sleep(1.0)
     crashed_at = time.monotonic()
     c.crash(primary)
@@ -119,7 +98,9 @@ def test_power_off_of_the_primary_fails_over_with_every_acknowledged_write(
     with nbd_block_device(m.uri(survivor), str(tmp_path)) as dev:
         with mounted(dev, str(fs_dir)):
             assert read_digests(str(fs_dir)) == files
-            write_files(str(fs_dir), seed=6, count=5)  # the new primary writes too
+            os.makedirs(fs_dir / "new")
+            with open(fs_dir / "new" / "on-the-new-primary", "wb") as f:
+                f.write(os.urandom(100_000))
         run(["e2fsck", "-fn", dev])
 
     # The old primary comes back: secondary, a bitmap resync, byte-identical disks.
