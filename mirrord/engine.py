@@ -143,6 +143,10 @@ class Engine(SyncMixin, FenceMixin):
         self.split_brain: dict | None = None  # both sides' changes, after a refusal
         self.checksum_sync = False  # this resync compares digests before copying
         self._digests_out = 0  # DIGESTS requests without a result yet
+        # Blocks a checksum resync compared so far, and how many of them differed: the
+        # sync thread copies without digests while nearly all differ (sync_source.py).
+        self.digest_blocks_compared = 0
+        self.digest_blocks_differed = 0
         self.verify: SyncProgress | None = None  # a running online verify
         self.verify_found = 0  # blocks the running or last verify found different
         self.verify_done: dict | None = None  # the last verify's result

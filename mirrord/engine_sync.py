@@ -80,11 +80,12 @@ class SyncMixin:
                     self.resync_sent_bytes += len(digests)
         return True
 
-    def wait_digests(self, session: int, timeout: float = 60.0) -> bool:
-        """Wait until every DIGESTS request has its result (False: session over/timeout)."""
+    def wait_digests(self, session: int, timeout: float = 60.0, below: int = 1) -> bool:
+        """Wait until fewer than `below` DIGESTS requests lack their result (default:
+        all have it); False when the session is over or at the timeout."""
         deadline = time.monotonic() + timeout
         with self._idle:
-            while self._digests_out and session == self.session:
+            while self._digests_out >= below and session == self.session:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -124,6 +125,8 @@ class SyncMixin:
                 if self.verify is not None:
                     self.verify.advance(length)
             elif purpose == "sync" and self.sync_role == "source":
+                self.digest_blocks_compared += (length + block - 1) // block
+                self.digest_blocks_differed += len(differ)
                 # Equal blocks are confirmed: the peer holds them (invariant 2).
                 start = offset
                 for index in differ + [None]:
@@ -224,7 +227,8 @@ class SyncMixin:
                 if session != self.session or self.sync_role != "source":
                     return False
                 self._send_request(MessageType.SYNC_DATA, length, None,
-                                   lambda ident: encode_write(ident, offset, data, sync=True),
+                                   lambda ident: encode_write(ident, offset, data, sync=True,
+                                                              parts=True),
                                    offset=offset, span=length)
                 self.resync_sent_bytes += length
         return True

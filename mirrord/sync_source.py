@@ -20,6 +20,15 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 FLUSH_EVERY = 1.0  # seconds between bitmap write-outs during a resync
+# A checksum resync sends a chunk's block digests and waits for the target to say which
+# blocks differ: worth it where most blocks match (a target that was in sync before), a
+# waste where nearly all differ (a blank target: then every block is read twice here
+# and once there for nothing).  So the source watches the answers and adapts:
+MAX_DIGESTS_OUT = 16  # digest requests ahead of their answers (16 MiB of the volume)
+WINDOW_BLOCKS = 4096  # decide on this many compared blocks (16 MiB of 4 KiB blocks)
+COPY_ABOVE = 0.9  # share of differing blocks above which chunks are copied outright
+PROBE_EVERY = 16  # while copying outright, every 16th chunk is compared by digests...
+DIGESTS_BELOW = 0.5  # ...and below this share of differing blocks, digests come back
 
 
 class SyncSource(threading.Thread):
@@ -31,6 +40,30 @@ class SyncSource(threading.Thread):
         # Send each chunk's block digests first; the peer's answer says which blocks to
         # copy (engine.on_digests_result), the others are confirmed equal.
         self.checksums = checksums
+        self.copying = False  # a checksum resync copying outright for now (see above)
+        # (compared, differed) of the engine's running totals where the window began
+        self._window = (engine.digest_blocks_compared, engine.digest_blocks_differed)
+        self._chunks = 0
+
+    def _use_digests(self) -> bool:
+        """For the next chunk of a checksum resync: digests first, or copy outright?"""
+        engine = self.engine
+        self._chunks += 1
+        compared, differed = engine.digest_blocks_compared, engine.digest_blocks_differed
+        seen, different = compared - self._window[0], differed - self._window[1]
+        if seen >= WINDOW_BLOCKS:
+            share = different / seen
+            if not self.copying and share >= COPY_ABOVE:
+                self.copying = True
+                log.info("%s: resync: %.0f%% of the blocks compared differ: copying without "
+                         "digests (comparing one chunk in %d)", engine.resource, 100 * share,
+                         PROBE_EVERY)
+            elif self.copying and share < DIGESTS_BELOW:
+                self.copying = False
+                log.info("%s: resync: only %.0f%% of the blocks compared differ: comparing "
+                         "digests again", engine.resource, 100 * share)
+            self._window = (compared, differed)
+        return not self.copying or self._chunks % PROBE_EVERY == 0
 
     def run(self) -> None:
         engine = self.engine
@@ -46,8 +79,9 @@ class SyncSource(threading.Thread):
             wait = controller.delay(time.monotonic(), length, engine.last_app_write)
             if wait > 0:
                 time.sleep(min(wait, 1.0))
-            if self.checksums:
-                if not engine.send_digests(self.session, offset, length, "sync"):
+            if self.checksums and self._use_digests():
+                if not (engine.wait_digests(self.session, below=MAX_DIGESTS_OUT)
+                        and engine.send_digests(self.session, offset, length, "sync")):
                     return
             elif not engine.send_sync_chunk(self.session, offset, length, last=False):
                 return

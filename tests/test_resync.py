@@ -206,6 +206,32 @@ def test_checksum_resync_of_identical_volumes_sends_almost_nothing(mirror_pair, 
     assert_identical(pair)
 
 
+def test_a_first_sync_compares_digests_where_blocks_match_and_copies_where_they_differ(
+        mirror_pair, tmp_path):
+    """A pre-seeded target (its first 32 MiB already equal) then a blank one (the last
+    96 MiB): digests where blocks match, outright copies once nearly all differ."""
+    size = 128 * MiB
+    pair = mirror_pair(size=size)
+    seeded = 32 * MiB
+    data = open(random_file(str(tmp_path / "d"), size, seed=11), "rb").read()
+    with open(pair.disk("alpha"), "r+b") as f:
+        f.write(data)
+    with open(pair.disk("beta"), "r+b") as f:
+        f.write(data[:seeded])
+    pair.start_all()
+    pair.promote("alpha", force=True)
+    pair.wait_connected(timeout=60)
+    assert_identical(pair)
+    sent = pair.status("alpha")["resync_sent_bytes"]
+    digests = size // 4096 * 8
+    assert sent >= size - seeded, sent
+    # The matching part cost digests only; the rest about one copy (no digest pass
+    # over it, but for the first window and the probes).
+    assert sent <= (size - seeded) + digests, f"sent {sent} of {size - seeded} differing"
+    log = pair.log("alpha")
+    assert "copying without digests" in log, log
+
+
 def test_verify_finds_a_block_corrupted_by_hand_and_the_resync_repairs_it(mirror_pair, tmp_path):
     pair = started_pair(mirror_pair, size=64 * MiB)
     data = random_file(str(tmp_path / "d"), 64 * MiB, seed=10)
