@@ -281,6 +281,7 @@ class SyncMixin:
             self.decision = Decision.IN_SYNC
             log.info("%s: resync from %s finished: disk up to date", self.resource, peer.node)
             self._send_state()
+            self._peer_up_to_date()  # if this node once fenced its peer: both agree now
             self._hook("sync-done", sync_role="target")
 
     def sync_applied(self, nbytes: int) -> None:
