@@ -20,7 +20,6 @@ import time
 from typing import Callable
 
 from protocol import Connection, Event
-from protocol.frames import encode_frame_into
 
 from .faults import FaultInjector
 from .iface import CarrierMonitor, interface_info
@@ -166,13 +165,14 @@ class Link:
                 if out:
                     send_batch(out)
                 continue
-            # DATA frames come unencoded and are built straight into the socket's
-            # TX-ring slots (encode_frame_into): their payload is copied once.
+            # DATA frames come unencoded (one DataFrames entry) and are built straight
+            # into the socket's TX-ring slots: their payload is copied once.
+            before = conn.counters.frames_sent
             frames = conn.frames_to_send(now=now, max_frames=SEND_BATCH, in_place=True)
-            if len(frames) >= SEND_BATCH:
+            if conn.counters.frames_sent - before >= SEND_BATCH:
                 more = True
             if frames:
-                send_batch(frames, encode_frame_into)
+                send_batch(frames)
         if faults is not None and not more and faults.held:
             # Idle: release frames held back for reordering, or they would wait for
             # traffic that may never come (the last frames of a transfer, a lone ack).

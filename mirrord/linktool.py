@@ -210,7 +210,10 @@ def finish_transfer(link: Link, conn: Connection, role: str, nbytes: int, second
     result = report(link, conn, role=role, bytes=nbytes, seconds=round(seconds, 6),
                     goodput_mb_s=round(nbytes / seconds / 1e6, 1),
                     digest=digest.hexdigest() if digest is not None else None,
-                    ok=failure is None, error=failure, **extra)
+                    ok=failure is None, error=failure,
+                    # user + system time of this process since it started: with the bytes,
+                    # the CPU a transfer costs each end (benchmarks compare it).
+                    process_cpu_seconds=round(time.process_time(), 3), **extra)
     print(json.dumps(result), flush=True)
     if failure:
         log.error("transfer failed: %s", failure)

@@ -381,6 +381,25 @@ def _attach_pkttype_filter(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
+def _copy_into(view, offset: int, limit: int, payload) -> int:
+    """send_batch's writer for a payload given as bytes: copy it into the slot."""
+    n = len(payload)
+    if n > limit:
+        raise ValueError(f"payload of {n} bytes exceeds the MTU ({limit})")
+    view[offset:offset + n] = payload
+    return n
+
+
+class _Described:
+    """Frames still to send, as items and the function that writes each (send_batch)."""
+
+    __slots__ = ("items", "build")
+
+    def __init__(self, items, build) -> None:
+        self.items = items
+        self.build = build
+
+
 class PacketSocket:
     """An AF_PACKET SOCK_RAW socket bound to one interface and one EtherType.
 
@@ -533,7 +552,7 @@ class PacketSocket:
         raise exc
 
     def send_batch(self, frames, build=None) -> int:
-        """Send ``[(payload, dst_mac), ...]`` in order; return how many the kernel took.
+        """Send ``[(payload, dst_mac), ...]`` in order; return how many frames the kernel took.
 
         The pairs are what :meth:`send` takes (``dst_mac`` None: broadcast),
         e.g. the list ``Connection.frames_to_send`` returns; payloads are
@@ -552,15 +571,17 @@ class PacketSocket:
         ``tx_wrong_format``.  A payload larger than ``mtu`` or a malformed MAC
         raises ValueError; the frames before it have been sent.
 
-        With ``build``, a payload may also be a tuple, the description of a
-        frame rather than its bytes: ``build(view, offset, limit, payload)``
-        then writes the frame straight into the slot (at most ``limit`` bytes
-        into the writable memoryview ``view`` at ``offset``; it returns how
-        many, or raises ValueError having sent nothing) -- e.g.
-        ``protocol.frames.encode_frame_into`` for the DATA frames of
-        ``Connection.frames_to_send(in_place=True)``.  The data is then
-        copied once, into the memory the kernel sends from, instead of being
-        joined into a frame first and copied again here.
+        Frames may also be described rather than given as bytes, to be written
+        straight into the slots (the data is then copied once, into the memory
+        the kernel sends from, instead of being joined into a frame first):
+
+        * a tuple payload is built by ``build(view, offset, limit, payload)``,
+          which writes at most ``limit`` bytes into the writable memoryview
+          ``view`` at ``offset`` and returns how many, or raises ValueError
+          having written nothing -- e.g. ``protocol.frames.encode_frame_into``;
+        * a payload with ``items`` and ``build`` (``protocol.frames.DataFrames``,
+          from ``Connection.frames_to_send(in_place=True)``) is one frame per
+          item, each written by ``payload.build(view, offset, limit, item)``.
         """
         ring = self._tx
         if ring is None:
@@ -583,41 +604,41 @@ class PacketSocket:
                     header = headers[dst]
                 except (KeyError, TypeError):  # TypeError: an unhashable bytearray MAC
                     header = self._header_for(dst)
-                if type(payload) is tuple:
+                kind = type(payload)
+                if kind is tuple:
                     if build is None:
                         raise TypeError("send_batch: a tuple payload needs build=")
-                    n = -1  # built in the slot, which checks the size
+                    items, writer = (payload,), build
+                elif kind is bytes or kind is bytearray or kind is memoryview:
+                    items, writer = (payload,), _copy_into
                 else:
-                    n = len(payload)
-                    if n > mtu:
-                        raise ValueError(f"{self.ifname}: payload of {n} bytes exceeds "
-                                         f"the MTU ({mtu})")
-                off = offsets[head]
-                if words[off >> 2]:  # not AVAILABLE: the kernel still owns this slot
-                    if filled:  # ours, not yet handed over (a full lap), or in flight
-                        ring.head = head
-                        queued, filled = filled, 0
-                        try:
-                            sent += self._tx_flush(queued)
-                        finally:
-                            head = ring.head  # the flush may give slots back
-                        off = offsets[head]
-                    if not self._tx_wait_slot(off):
-                        rest = [(payload, dst), *todo]
-                        self.counters["tx_ring_full"] += len(rest)
-                        sent += self._send_each(rest, build)
-                        break
-                # The status word goes last: the kernel takes nothing from a slot that
-                # reads AVAILABLE, so a copy or build that raises leaves nothing to undo.
-                if n < 0:
-                    n = build(view, off + data, mtu, payload)
-                else:
-                    view[off + data:off + data + n] = payload
-                pack_head(view, off, TP_STATUS_SEND_REQUEST, n + ETH_HLEN, header)
-                filled += 1
-                head += 1
-                if head == nslots:
-                    head = 0
+                    items, writer = payload.items, payload.build
+                pending = iter(items)
+                for item in pending:
+                    off = offsets[head]
+                    if words[off >> 2]:  # not AVAILABLE: the kernel still owns this slot
+                        if filled:  # ours, not yet handed over (a full lap), or in flight
+                            ring.head = head
+                            queued, filled = filled, 0
+                            try:
+                                sent += self._tx_flush(queued)
+                            finally:
+                                head = ring.head  # the flush may give slots back
+                            off = offsets[head]
+                        if not self._tx_wait_slot(off):
+                            rest = [item, *pending]
+                            self.counters["tx_ring_full"] += len(rest)
+                            sent += self._send_each(
+                                [(_Described(rest, writer), dst), *todo], build)
+                            return sent
+                    # The status word goes last: the kernel takes nothing from a slot that
+                    # reads AVAILABLE, so a build that raises leaves nothing to undo.
+                    n = writer(view, off + data, mtu, item)
+                    pack_head(view, off, TP_STATUS_SEND_REQUEST, n + ETH_HLEN, header)
+                    filled += 1
+                    head += 1
+                    if head == nslots:
+                        head = 0
         finally:
             ring.head = head
             if filled:
@@ -628,15 +649,23 @@ class PacketSocket:
         send = self.send
         sent = 0
         for payload, dst in frames:
-            if type(payload) is tuple:
+            kind = type(payload)
+            if kind is bytes or kind is bytearray or kind is memoryview:
+                if send(payload, dst):
+                    sent += 1
+                continue
+            if kind is tuple:
                 if build is None:
                     raise TypeError("send_batch: a tuple payload needs build=")
-                scratch = self._build_scratch
-                if scratch is None:
-                    scratch = self._build_scratch = memoryview(bytearray(self.mtu))
-                payload = scratch[:build(scratch, 0, self.mtu, payload)]
-            if send(payload, dst):
-                sent += 1
+                items, writer = (payload,), build
+            else:
+                items, writer = payload.items, payload.build
+            scratch = self._build_scratch
+            if scratch is None:
+                scratch = self._build_scratch = memoryview(bytearray(self.mtu))
+            for item in items:
+                if send(scratch[:writer(scratch, 0, self.mtu, item)], dst):
+                    sent += 1
         return sent
 
     def _tx_flush(self, queued: int) -> int:

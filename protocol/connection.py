@@ -40,7 +40,7 @@ from .events import (
 )
 from .frames import (
     AUTHENTICATED, BEGIN, CHECKSUM_OFFSET, END, HEADER, HEADER_SIZE, TRAILER_SIZE, VERSION,
-    FrameType, decode_frame, encode_frame, peek_version,
+    DataFrames, FrameType, decode_frame, encode_frame, frame_builder, peek_version,
 )
 from .handshake import (
     MAX_VERSION, MIN_VERSION, NONCE_SIZE, decode_hello, encode_hello, session_id,
@@ -491,11 +491,12 @@ class Connection:
                        in_place: bool = False) -> list:
         """Frames to put on the wire now, as (frame, destination address or None).
 
-        With `in_place`, DATA frames come unencoded, as tuples of encode_frame's
-        arguments (the `spec` of frames.encode_frame_into), for a link that builds them
-        straight into its send buffers: the payload is then copied once.  The other
-        frames are bytes as always.  A spec's payload views stay valid as long as
-        send_message's rule for the message's data holds.
+        With `in_place`, the DATA frames come unencoded, as one frames.DataFrames
+        entry (its items and the function that builds each), for a link that builds
+        them straight into its send buffers: the payload is then copied once.  The
+        other frames are bytes as always.  The items' payload views stay valid as long
+        as send_message's rule for the message's data holds.  `max_frames` counts
+        frames, those of a DataFrames entry each.
         """
         if self._sm.state is ConnState.ERROR:
             return []  # terminal: a broken connection must not look alive to the peer
@@ -510,14 +511,15 @@ class Connection:
             if self._session is None:  # beside a session, an attempt only replies
                 self._hello_at = now + self.config.hello_interval
         session = self._session
+        data = 0
         if session is not None:
-            self._session_frames(session, out, now, max_frames, in_place)
-        counters = self.counters
-        counters.frames_sent += len(out)
+            data = self._session_frames(session, out, now, max_frames, in_place)
+        self.counters.frames_sent += len(out) - 1 + data if in_place and data else len(out)
         return out
 
     def _session_frames(self, session: _Session, out: list, now: float, max_frames,
-                        in_place: bool = False) -> None:
+                        in_place: bool = False) -> int:
+        """Append the session's frames to `out`; return how many DATA frames it sent."""
         dest = session.peer_address
         append = out.append
         if session.hello_reply:
@@ -534,13 +536,14 @@ class Connection:
         if batch:
             ack = receiver.rcv_next
             window = receiver.window()
-            for seq, payload, flags in batch:
-                if in_place:
-                    frame = (_DATA, flags, volume, sid, seq, ack, window, payload, sealer)
-                else:
-                    frame = encode_frame(_DATA, flags, volume, sid, seq, ack, window, payload,
-                                         sealer)
-                append((frame, dest))
+            if in_place:
+                append((DataFrames(batch, frame_builder(_DATA, volume, sid, ack, window,
+                                                        sealer)), dest))
+            else:
+                for seq, payload, flags in batch:
+                    append((encode_frame(_DATA, flags, volume, sid, seq, ack, window, payload,
+                                         sealer), dest))
+            for _, payload, _ in batch:
                 if type(payload) is tuple:
                     bytes_sent += sum(map(len, payload))
                 else:
@@ -560,6 +563,7 @@ class Connection:
                 session.ping_at = now + self.config.keepalive_interval
             else:
                 session.ping_at = session.last_received + self.config.keepalive_interval
+        return len(batch)
 
     # --- timers -----------------------------------------------------------------------
 

@@ -434,7 +434,9 @@ def test_with_the_rx_ring_a_pending_link_error_is_collected(sockets):
 
 # ---- send_batch(build=): frames built straight into the slots ---------------------------
 
-from protocol.frames import FrameType, decode_frame, encode_frame, encode_frame_into  # noqa: E402
+from protocol.frames import (  # noqa: E402
+    DataFrames, FrameType, decode_frame, encode_frame, encode_frame_into, frame_builder,
+)
 
 
 def _specs(n: int, size: int) -> list:
@@ -481,3 +483,55 @@ def test_a_build_that_raises_sends_what_came_before_and_leaves_the_ring_clean(so
     assert a.send_batch([(specs[2], pair.mac_b)], encode_frame_into) == 1
     got = [bytes(p) for p, _ in _receive(b, 3)]
     assert got == [encode_frame(*specs[i]) for i in (0, 1, 2)]
+
+
+def _data_frames(first_seq: int, payloads: list) -> DataFrames:
+    """A DATA batch as Connection.frames_to_send(in_place=True) hands it over."""
+    return DataFrames([(first_seq + i, p, 0) for i, p in enumerate(payloads)],
+                      frame_builder(FrameType.DATA, 7, 9, 1, 64))
+
+
+def _encoded(batch: DataFrames) -> list:
+    return [encode_frame(FrameType.DATA, flags, 7, 9, seq, 1, 64, payload)
+            for seq, payload, flags in batch.items]
+
+
+@pytest.mark.parametrize("tx_ring", [True, False], ids=["tx-ring", "send"])
+def test_send_batch_builds_a_described_batch_of_data_frames(netns_pair_factory, tx_ring):
+    pair = netns_pair_factory(mtu=1500)
+    a = _open(pair, pair.ns_a, pair.if_a, tx_ring=tx_ring)
+    b = _open(pair, pair.ns_b, pair.if_b)
+    try:
+        data = memoryview(os.urandom(1400 * 30))
+        batch = _data_frames(1, [data[i * 1400:(i + 1) * 1400] for i in range(29)]
+                             + [(b"h" * 24, data[:1376])])  # one fragment spanning parts
+        frames = [(b"before", pair.mac_b), (batch, pair.mac_b), (b"after", pair.mac_b)]
+        assert a.send_batch(frames) == len(batch) + 2
+        got = [bytes(p) for p, _ in _receive(b, len(batch) + 2)]
+        assert got == [b"before", *_encoded(batch), b"after"]
+        if tx_ring:
+            assert _ring_idle(a)
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("sockets", [9000], indirect=True)
+def test_a_described_batch_larger_than_a_full_ring_goes_on_frame_by_frame(sockets):
+    """Every slot stays in flight (a slow qdisc): the rest of the batch, and the frames
+    after it, go out through send().  Removing the qdisc discards what it still holds;
+    what got through came in order."""
+    pair, a, b = sockets
+    if shutil.which("tc") is None:
+        pytest.skip("no tc")
+    tc = ["tc", "qdisc", "add", "dev", pair.if_a, "root", "tbf", "rate", "1mbit",
+          "burst", "10kb", "limit", "64mb"]
+    if pair.run(pair.ns_a, tc, check=False, capture_output=True).returncode != 0:
+        pytest.skip("tbf qdisc unavailable")
+    nslots = a._tx.nslots
+    batch = _data_frames(1, [_tagged(i, 8900) for i in range(nslots + 5)])
+    assert a.send_batch([(batch, pair.mac_b), (b"tail", pair.mac_b)]) == nslots + 6
+    assert 1 <= a.counters["tx_ring_full"] <= 6 and a.counters["send_dropped"] == 0
+    pair.run(pair.ns_a, ["tc", "qdisc", "del", "dev", pair.if_a, "root"])
+    got = [bytes(p) for p, _ in _receive(b, nslots + 6, deadline_s=0.5)]
+    assert got and got == [*_encoded(batch), b"tail"][:len(got)]

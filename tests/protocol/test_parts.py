@@ -12,7 +12,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from harness import VOLUME, Sender, connected_pair, header
 from protocol import FrameType, LocalProtocolError
-from protocol.frames import BEGIN, END, HEADER_SIZE, decode_frame, encode_frame, encode_frame_into
+from protocol.frames import (
+    BEGIN, END, HEADER_SIZE, DataFrames, decode_frame, encode_frame, encode_frame_into,
+)
 
 
 def settled(**kwargs):
@@ -83,9 +85,11 @@ def test_frames_to_send_in_place_builds_the_same_frames(secret):
         built = []
         for frame, dest in frames:
             assert dest == "B"
-            if in_place and type(frame) is tuple:
-                buf = memoryview(bytearray(2000))
-                frame = bytes(buf[:encode_frame_into(buf, 0, 1500, frame)])
+            if in_place and isinstance(frame, DataFrames):
+                for item in frame.items:
+                    buf = memoryview(bytearray(2000))
+                    built.append(bytes(buf[:frame.build(buf, 0, 1500, item)]))
+                continue
             built.append(bytes(frame))
         results.append(built)
         for frame in built:
@@ -97,13 +101,21 @@ def test_frames_to_send_in_place_builds_the_same_frames(secret):
     assert results[0] == results[1]
 
 
-def test_in_place_frames_are_data_frame_specs_and_the_rest_is_bytes():
+def test_in_place_data_frames_are_one_described_batch_and_the_rest_is_bytes():
     net, a, b = settled()
     a.conn.send_message(bytes(100), now=net.now)
+    a.conn.send_message(bytes(3000), now=net.now)  # more than one frame
+    sent_before = a.conn.counters.frames_sent
     frames = a.conn.frames_to_send(now=net.now, in_place=True)
-    assert [type(f) for f, _ in frames] == [tuple]
-    spec = frames[0][0]
-    assert spec[0] == FrameType.DATA and len(spec) == 9 and bytes(spec[7]) == bytes(100)
+    assert [type(f) for f, _ in frames] == [DataFrames]
+    batch = frames[0][0]
+    assert len(batch) >= 3 and bytes(batch.items[0][1]) == bytes(100)
+    assert a.conn.counters.frames_sent - sent_before == len(batch)  # frames, not entries
+    buf = memoryview(bytearray(1500))
+    first = decode_frame(bytes(buf[:batch.build(buf, 0, 1500, batch.items[0])]))
+    assert first.type == FrameType.DATA and bytes(first.payload) == bytes(100)
+    with pytest.raises(ValueError):
+        batch.build(buf, 0, 100, batch.items[0])  # longer than the limit: nothing written
     a.conn.receive_frame(bytearray(encode_frame(FrameType.PING, 0, VOLUME, a.conn.session_id, 0,
                                                 1, 64)), "B", now=net.now)  # asks for an ACK
     frames = a.conn.frames_to_send(now=net.now, in_place=True)
