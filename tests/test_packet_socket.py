@@ -309,16 +309,21 @@ def test_send_batch_drops_a_frame_the_kernel_refuses(sockets):
     assert [bytes(p) for p, _ in _receive(b, 4)] == [b"small1", b"small2", b"small3", b"small4"]
 
 
-@pytest.mark.parametrize("sockets", [9000], indirect=True)
-def test_send_batch_waits_for_a_full_ring_then_sends_frame_by_frame(sockets):
-    """A slow qdisc keeps every slot in flight (SENDING) past SEND_WAIT_MS."""
-    pair, a, b = sockets
+def _slow_qdisc(pair) -> None:
+    """A 1 Mbit/s token bucket on alpha's end: every ring slot stays in flight."""
     if shutil.which("tc") is None:
         pytest.skip("no tc")
     tc = ["tc", "qdisc", "add", "dev", pair.if_a, "root", "tbf", "rate", "1mbit",
           "burst", "10kb", "limit", "64mb"]
     if pair.run(pair.ns_a, tc, check=False, capture_output=True).returncode != 0:
         pytest.skip("tbf qdisc unavailable")
+
+
+@pytest.mark.parametrize("sockets", [9000], indirect=True)
+def test_send_batch_waits_for_a_full_ring_then_sends_frame_by_frame(sockets):
+    """A slow qdisc keeps every slot in flight (SENDING) past SEND_WAIT_MS."""
+    pair, a, b = sockets
+    _slow_qdisc(pair)
     nslots = a._tx.nslots
     total = nslots + 8
     start = time.monotonic()
@@ -522,12 +527,7 @@ def test_a_described_batch_larger_than_a_full_ring_goes_on_frame_by_frame(socket
     after it, go out through send().  Removing the qdisc discards what it still holds;
     what got through came in order."""
     pair, a, b = sockets
-    if shutil.which("tc") is None:
-        pytest.skip("no tc")
-    tc = ["tc", "qdisc", "add", "dev", pair.if_a, "root", "tbf", "rate", "1mbit",
-          "burst", "10kb", "limit", "64mb"]
-    if pair.run(pair.ns_a, tc, check=False, capture_output=True).returncode != 0:
-        pytest.skip("tbf qdisc unavailable")
+    _slow_qdisc(pair)
     nslots = a._tx.nslots
     batch = _data_frames(1, [_tagged(i, 8900) for i in range(nslots + 5)])
     assert a.send_batch([(batch, pair.mac_b), (b"tail", pair.mac_b)]) == nslots + 6
