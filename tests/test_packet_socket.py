@@ -453,28 +453,35 @@ def _specs(n: int, size: int) -> list:
     return specs
 
 
-@pytest.mark.parametrize("tx_ring", [True, False], ids=["tx-ring", "send"])
-def test_send_batch_builds_frames_in_place(netns_pair_factory, tx_ring):
+@pytest.fixture(params=[True, False], ids=["tx-ring", "send"])
+def ring_or_send(netns_pair_factory, request):
+    """(pair, a, b) at MTU 1500, alpha sending through its TX ring or frame by frame."""
     pair = netns_pair_factory(mtu=1500)
-    a = _open(pair, pair.ns_a, pair.if_a, tx_ring=tx_ring)
+    a = _open(pair, pair.ns_a, pair.if_a, tx_ring=request.param)
     b = _open(pair, pair.ns_b, pair.if_b)
     try:
-        specs = _specs(20, 1400)
-        frames = [(spec, pair.mac_b) for spec in specs]
-        frames.insert(3, (b"plain bytes", pair.mac_b))  # mixed with ordinary payloads
-        assert a.send_batch(frames, encode_frame_into) == len(frames)
-        got = [bytes(p) for p, _ in _receive(b, len(frames))]
-        expected = [encode_frame(*spec) for spec in specs]
-        expected.insert(3, b"plain bytes")
-        assert got == expected
-        assert decode_frame(got[-1]).payload.tobytes()[:24] == b"h" * 24
-        with pytest.raises(TypeError):
-            a.send_batch([(specs[0], pair.mac_b)])  # a description needs build=
-        if tx_ring:
-            assert _ring_idle(a)
+        assert a.tx_ring is request.param  # the ring was asked for and set up, or not asked
+        yield pair, a, b
     finally:
         a.close()
         b.close()
+
+
+def test_send_batch_builds_frames_in_place(ring_or_send):
+    pair, a, b = ring_or_send
+    specs = _specs(20, 1400)
+    frames = [(spec, pair.mac_b) for spec in specs]
+    frames.insert(3, (b"plain bytes", pair.mac_b))  # mixed with ordinary payloads
+    assert a.send_batch(frames, encode_frame_into) == len(frames)
+    got = [bytes(p) for p, _ in _receive(b, len(frames))]
+    expected = [encode_frame(*spec) for spec in specs]
+    expected.insert(3, b"plain bytes")
+    assert got == expected
+    assert decode_frame(got[-1]).payload.tobytes()[:24] == b"h" * 24
+    with pytest.raises(TypeError):
+        a.send_batch([(specs[0], pair.mac_b)])  # a description needs build=
+    if a.tx_ring:
+        assert _ring_idle(a)
 
 
 def test_a_build_that_raises_sends_what_came_before_and_leaves_the_ring_clean(sockets):
@@ -501,24 +508,17 @@ def _encoded(batch: DataFrames) -> list:
             for seq, payload, flags in batch.items]
 
 
-@pytest.mark.parametrize("tx_ring", [True, False], ids=["tx-ring", "send"])
-def test_send_batch_builds_a_described_batch_of_data_frames(netns_pair_factory, tx_ring):
-    pair = netns_pair_factory(mtu=1500)
-    a = _open(pair, pair.ns_a, pair.if_a, tx_ring=tx_ring)
-    b = _open(pair, pair.ns_b, pair.if_b)
-    try:
-        data = memoryview(os.urandom(1400 * 30))
-        batch = _data_frames(1, [data[i * 1400:(i + 1) * 1400] for i in range(29)]
-                             + [(b"h" * 24, data[:1376])])  # one fragment spanning parts
-        frames = [(b"before", pair.mac_b), (batch, pair.mac_b), (b"after", pair.mac_b)]
-        assert a.send_batch(frames) == len(batch) + 2
-        got = [bytes(p) for p, _ in _receive(b, len(batch) + 2)]
-        assert got == [b"before", *_encoded(batch), b"after"]
-        if tx_ring:
-            assert _ring_idle(a)
-    finally:
-        a.close()
-        b.close()
+def test_send_batch_builds_a_described_batch_of_data_frames(ring_or_send):
+    pair, a, b = ring_or_send
+    data = memoryview(os.urandom(1400 * 30))
+    batch = _data_frames(1, [data[i * 1400:(i + 1) * 1400] for i in range(29)]
+                         + [(b"h" * 24, data[:1376])])  # one fragment spanning parts
+    frames = [(b"before", pair.mac_b), (batch, pair.mac_b), (b"after", pair.mac_b)]
+    assert a.send_batch(frames) == len(batch) + 2
+    got = [bytes(p) for p, _ in _receive(b, len(batch) + 2)]
+    assert got == [b"before", *_encoded(batch), b"after"]
+    if a.tx_ring:
+        assert _ring_idle(a)
 
 
 @pytest.mark.parametrize("sockets", [9000], indirect=True)
