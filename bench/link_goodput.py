@@ -3,10 +3,12 @@
 For each MTU, in one pair of fresh namespaces joined by veth:
 1. the raw baseline (bench/raw_link.py: one Python `send` per full-MTU frame, nothing
    else in the loop) — what the machine can push through the link at all;
-2. `mirrord-link send` → `mirrord-link receive` of a deterministic stream: delivered
-   payload per second at the receiver, digest checked, counters kept;
+2. `mirrord-link send` → `mirrord-link receive` of a deterministic stream of 256 KiB
+   messages (MESSAGE_SIZE): delivered payload per second at the receiver, digest
+   checked, counters kept;
 3. the same with both ends skipping the digest (`--no-verify`: the link alone, as iperf
-   measures), and with a shared secret (every frame MAC'd, digest checked);
+   measures, one unchanging buffer sent over and over as the baseline sends one
+   frame), and with a shared secret (every frame MAC'd, digest checked);
 and reports goodput / raw as the figure of merit (absolute numbers on a shared 2-core
 VM are noisy; ratios from one run are not).  Each measurement is repeated and the
 median reported.
@@ -39,6 +41,9 @@ from probe import cpu_probe  # noqa: E402
 from raw_link import measure_raw  # noqa: E402
 
 DEFAULT_BYTES = {1500: "512M", 9000: "2G"}
+# Message size of every transfer: nbdcopy's default request size, and the daemon sends
+# each NBD write as one message.
+MESSAGE_SIZE = "256K"
 
 
 def transfer(pair: NetnsPair, size: str, extra: list[str], verify: bool = True) -> dict:
@@ -48,7 +53,7 @@ def transfer(pair: NetnsPair, size: str, extra: list[str], verify: bool = True) 
         *([] if verify else ["--no-verify"])))
     sender = LinkProcess(pair, pair.ns_a, link_argv(
         pair.if_a, "alpha", *extra, "send", "--bytes", size, "--timeout", "300",
-        *([] if verify else ["--no-verify"])))
+        "--message-size", MESSAGE_SIZE, *([] if verify else ["--no-verify"])))
     rc_s, sent = sender.finish(timeout=360)
     rc_r, got = receiver.finish(timeout=60)
     if rc_s or rc_r or not got or not sent or (verify and got["digest"] != sent["digest"]):

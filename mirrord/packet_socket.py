@@ -31,7 +31,7 @@ filtering into the kernel:
   namespaces, concatenation wins by 0.15-0.3 us at 64 B-4 KB, the two tie
   at ~6 KB, and sendmsg wins by 0.05-0.2 us at 9 KB.
 * Batches: ``send_batch`` copies each frame into the next free slot of a
-  PACKET_TX_RING (TPACKET_V2, 4 MiB, mapped into our memory) and asks the
+  PACKET_TX_RING (TPACKET_V2, 1 MiB, mapped into our memory) and asks the
   kernel once per batch to send them (``send(b"", MSG_DONTWAIT)``): one
   system call per 64 frames instead of one each.  The kernel sends a slot's
   pages without copying them (a NIC DMAs from them; veth copies them when it
@@ -179,12 +179,15 @@ TP_STATUS_AVAILABLE = 0
 TP_STATUS_SEND_REQUEST = 1
 TP_STATUS_SENDING = 2
 TP_STATUS_WRONG_FORMAT = 4
-# Ring size: 4 MiB, i.e. 448 jumbo slots (MTU 9000) or 2,688 at MTU 1500.  That
-# is ~7 batches of 64 jumbo frames in flight: on veth a slot is released
-# before the send call returns, and on a 10 Gbit/s NIC 4 MiB is ~3 ms of
-# transmission -- the same order as the 4 MiB send buffer the per-frame path
-# may have in flight.  The ring is pinned kernel memory, so not more.
-TX_RING_BYTES = 4 << 20
+# Ring size: 1 MiB, i.e. 112 jumbo slots (MTU 9000) or 672 at MTU 1500.  Small
+# enough to stay in the CPU's L2 cache: every frame is written into a slot and read
+# out of it again by the kernel, and a ring that cycles through more memory than the
+# cache holds makes both copies miss (4 MiB measured ~10% less link goodput at MTU
+# 9000, docs/BENCHMARKS.md).  On veth a slot is released before the send call
+# returns, so a batch larger than the ring only costs one more send call per lap; on
+# a 10 Gbit/s NIC 1 MiB is ~0.8 ms of transmission, far longer than the kernel takes
+# to give back a sent slot.  Pinned kernel memory besides.
+TX_RING_BYTES = 1 << 20
 # Ring blocks are physically contiguous power-of-two allocations (the kernel
 # falls back to vmalloc when that fails) and slots never straddle blocks:
 # 64 KiB holds 7 jumbo or 42 standard slots, wasting ~3% at the tail.

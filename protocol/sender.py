@@ -23,6 +23,7 @@ is a dedicated cable and the receiver's advertised window is what must not be ov
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from itertools import repeat
 
 from .frames import BEGIN, END
 from .ranges import RangeSet
@@ -36,6 +37,26 @@ PROBES_PER_RTO = 2
 
 # Fields of an in-flight record (a list, cheaper than an object on the hot path).
 _PAYLOAD, _FLAGS, _SENT_AT, _TX, _RETX = range(5)
+
+
+def _newest_first_sent(records: list, newest, any_acked: bool):
+    """(newest, any_acked) updated with `records` (in seq order, None where nothing was
+    in flight): the record sent once with the latest transmission, and whether any was
+    acknowledged at all.
+
+    A frame's first transmission comes in seq order (take() numbers new frames as it
+    sends them), so among records sent once the latest transmission is the last one:
+    scanning back from the end stops at the first such record, usually at once.
+    """
+    for record in reversed(records):
+        if record is None:
+            continue
+        any_acked = True
+        if record[_RETX] == 0:
+            if newest is None or record[_TX] > newest[_TX]:
+                newest = record
+            break
+    return newest, any_acked
 
 
 class Sender:
@@ -192,13 +213,20 @@ class Sender:
         if ack <= self.snd_una and not sack_ranges:
             return False  # the common case on a one-way stream: nothing new
         inflight = self._inflight
-        acked = []  # records newly acknowledged, cumulatively or selectively
+        pop = inflight.pop
+        # The newest transmission known to have arrived anchors both the RTT sample and
+        # loss detection.  Only frames sent once qualify (Karn's rule, applied to loss
+        # detection too): an ack for a retransmitted frame may have been sent for its
+        # original copy before the retransmission even arrived, and taking it as the
+        # anchor would declare everything sent in between lost (seen after a receiver
+        # stall longer than the RTO: a burst of spurious retransmissions).
+        newest = None
+        any_acked = False
         if ack > self.snd_una:
-            pop = inflight.pop
-            for seq in range(self.snd_una, ack):
-                record = pop(seq, None)
-                if record is not None:
-                    acked.append(record)
+            # Popped in C (map): this runs for every frame sent.  None for seqs already
+            # gone (selectively acked, or waiting in _lost).
+            newest, any_acked = _newest_first_sent(
+                list(map(pop, range(self.snd_una, ack), repeat(None))), newest, any_acked)
             self.snd_una = ack
             self._sacked.discard_below(ack)
             self._ack_messages(ack)
@@ -208,24 +236,12 @@ class Sender:
             if start < self.snd_una:
                 start = self.snd_una
             for new_start, new_end in self._sacked.add_range(start, end):
-                for seq in range(new_start, new_end):
-                    record = inflight.pop(seq, None)
-                    if record is not None:
-                        acked.append(record)
-        if not acked:
+                newest, any_acked = _newest_first_sent(
+                    list(map(pop, range(new_start, new_end), repeat(None))), newest, any_acked)
+        if not any_acked:
             return False
         self.rtt.backoff = 0
         self._rto_armed_at = now if inflight else None
-        # The newest transmission known to have arrived anchors both the RTT sample and
-        # loss detection.  Only frames sent once qualify (Karn's rule, applied to loss
-        # detection too): an ack for a retransmitted frame may have been sent for its
-        # original copy before the retransmission even arrived, and taking it as the
-        # anchor would declare everything sent in between lost (seen after a receiver
-        # stall longer than the RTO: a burst of spurious retransmissions).
-        newest = None
-        for record in acked:
-            if record[_RETX] == 0 and (newest is None or record[_TX] > newest[_TX]):
-                newest = record
         if newest is None:
             return True
         self.rtt.sample(now - newest[_SENT_AT])
