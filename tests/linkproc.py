@@ -27,10 +27,12 @@ def link_argv(ifname: str, node: str, *options: str) -> list[str]:
 class LinkProcess:
     """One mirrord-link process and what it has printed."""
 
-    def __init__(self, group, ns: str, argv: list[str]) -> None:
-        env = dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
+    def __init__(self, group, ns: str, argv: list[str], repo: str = REPO) -> None:
+        """`repo`: the checkout whose mirrord/ and protocol/ the process runs (benchmarks
+        compare trees)."""
+        env = dict(os.environ, PYTHONPATH=repo, PYTHONUNBUFFERED="1")
         self.proc: subprocess.Popen = group.popen(
-            ns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
+            ns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=repo
         )
         self.lines: queue.Queue = queue.Queue()
         self.all_lines: list[dict] = []
