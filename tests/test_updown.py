@@ -153,6 +153,17 @@ def one_line(text: str) -> str:
     return text.rstrip("\n")
 
 
+def config_with(pair, name: str, old: str, new: str) -> str:
+    """A copy of the pair's config, named `name` in its workdir, with `old` replaced by `new`."""
+    with open(pair.config) as f:
+        text = f.read()
+    assert old in text, f"{old!r} is not in {pair.config}"
+    path = os.path.join(pair.workdir, name)
+    with open(path, "w") as f:
+        f.write(text.replace(old, new))
+    return path
+
+
 def metadata(pair, node: str):
     cfg = load_config(pair.config, node)
     store = MetaStore.open(pair.paths[node]["metadata"], size=pair.size, node=node,
@@ -202,19 +213,14 @@ def test_up_twice_is_idempotent(detached):
 
 def test_up_with_a_broken_config_exits_2_with_one_line(detached):
     d = detached()
-    broken = os.path.join(d.pair.workdir, "broken.toml")
-    with open(d.pair.config) as f:
-        text = f.read()
-    with open(broken, "w") as f:
-        f.write(text.replace('protocol = "C"', 'protocol = "D"'))
+    broken = config_with(d.pair, "broken.toml", 'protocol = "C"', 'protocol = "D"')
     proc = d.ctl("alpha", "up", config=broken)
     assert proc.returncode == 2
     assert one_line(proc.stderr).startswith(f"mirrorctl: {broken}: resource.protocol: ")
     assert proc.stdout == ""
 
     # What this box lacks is found before anything is started, in one line too.
-    with open(broken, "w") as f:
-        f.write(text.replace(d.pair.disk("alpha"), "/nonexistent/alpha.img"))
+    broken = config_with(d.pair, "broken.toml", d.pair.disk("alpha"), "/nonexistent/alpha.img")
     proc = d.ctl("alpha", "up", config=broken)
     assert proc.returncode == 2
     assert one_line(proc.stderr) == (f"mirrorctl: {broken}: nodes.alpha.disk: "
@@ -362,11 +368,7 @@ def test_check_good_and_bad_configs(detached):
     assert proc.returncode == 0, proc.stderr
     assert one_line(proc.stdout) == f"{d.pair.config}: r0 on alpha: config OK"
 
-    bad = os.path.join(d.pair.workdir, "bad.toml")
-    with open(d.pair.config) as f:
-        text = f.read()
-    with open(bad, "w") as f:
-        f.write(text.replace('protocol = "C"', 'protocl = "C"'))
+    bad = config_with(d.pair, "bad.toml", 'protocol = "C"', 'protocl = "C"')
     proc = d.ctl("alpha", "check", config=bad)
     assert proc.returncode == 2 and proc.stdout == ""
     assert one_line(proc.stderr) == (f"mirrorctl: {bad}: resource.protocl: unknown key "
