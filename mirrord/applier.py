@@ -17,6 +17,7 @@ import threading
 from protocol.replication import FUA, MAY_TRIM, Message, MessageType
 
 from .backing import BackingError
+from .process import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class Applier:
         self._queue.put((session, message))
 
     def _run(self) -> None:
+        name_os_thread(threading.current_thread().name)
         while True:
             item = self._queue.get()
             if item is None:

@@ -22,6 +22,7 @@ from typing import Callable
 from protocol import Connection, ConnectionLost, Event, LocalProtocolError, MessagesAcknowledged
 
 from .link import Link
+from .process import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class LinkService:
     # --- the link thread ------------------------------------------------------------
 
     def _run(self) -> None:
+        name_os_thread(threading.current_thread().name)
         try:
             self.link.start()
             while not self._stop:

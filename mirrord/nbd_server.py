@@ -42,6 +42,7 @@ from typing import Callable, Protocol
 
 from . import nbd_protocol as nbd
 from .nbd_protocol import Command, Error, NbdProtocolError, Option, OptionDataError, Reply
+from .process import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +340,7 @@ class _Connection:
     # --- thread body ------------------------------------------------------------------
 
     def _run(self) -> None:
+        name_os_thread(threading.current_thread().name)
         established = False
         drain = False
         try:
@@ -720,6 +722,7 @@ class _Connection:
     def _write_replies(self) -> None:
         """The writer thread: send queued replies (all that are waiting in one send),
         then free their requests' slots."""
+        name_os_thread(threading.current_thread().name)
         replies = self._replies
         popleft = replies.popleft
         wake = self._writer_wake

@@ -34,3 +34,16 @@ def tune_allocator() -> bool:
     mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread `name` in the kernel too (top -H, perf, /proc/PID/task).
+
+    Python's thread names live only in the interpreter; with this an operator - or a
+    profile - can tell the link thread from the applier.  The kernel keeps 15 bytes.
+    """
+    try:
+        with open("/proc/thread-self/comm", "w") as comm:
+            comm.write(name[:15])
+    except OSError:
+        pass  # no /proc (or not Linux): the name is a convenience

@@ -16,6 +16,8 @@ import time
 
 from resync.rate import RateController
 
+from .process import name_os_thread
+
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
@@ -66,6 +68,7 @@ class SyncSource(threading.Thread):
         return not self.copying or self._chunks % PROBE_EVERY == 0
 
     def run(self) -> None:
+        name_os_thread(threading.current_thread().name)
         engine = self.engine
         last_flush = time.monotonic()
         # At most the configured rate; slower while the application writes.
@@ -104,6 +107,7 @@ class Verifier(threading.Thread):
         self.session = session
 
     def run(self) -> None:
+        name_os_thread(threading.current_thread().name)
         engine = self.engine
         completed = False
         try:
