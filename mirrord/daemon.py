@@ -39,7 +39,7 @@ from .link import Link
 from .link_service import LinkService
 from .metafile import MetadataFileError, MetaStore
 from .nbd_server import NbdServer
-from .process import tune_allocator
+from .process import tune_allocator, tune_collector
 
 log = logging.getLogger("mirrord")
 
@@ -299,6 +299,7 @@ def main(argv=None) -> int:
         return EXIT_CONFIG
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: daemon.stopping.set())
+    tune_collector()
     return daemon.run()
 
 
