@@ -46,6 +46,10 @@ tests/test_iface.py):
 * One change can produce several RTM_NEWLINK messages (e.g. "going down" with
   the old flags, then the new flags; "up" then "running"), so
   :meth:`CarrierMonitor.read` reports only transitions of the carrier bit.
+* ``ip link set X mtu N`` sends one RTM_NEWLINK carrying IFLA_MTU, carrier
+  unchanged; the monitor keeps the MTU too (:meth:`CarrierMonitor.take_mtu_change`),
+  because a session agreed on a larger MTU would otherwise send frames the
+  kernel refuses, forever.
 """
 
 from __future__ import annotations
@@ -79,6 +83,11 @@ NLMSGHDR = struct.Struct("=IHHII")
 # struct ifinfomsg: family, pad, type, index, flags, change.
 IFINFOMSG = struct.Struct("=BBHiII")
 NLMSG_ALIGNTO = 4
+# struct rtattr: len, type; then the value, padded to RTA_ALIGNTO.
+RTATTR = struct.Struct("=HH")
+RTA_ALIGNTO = 4
+IFLA_MTU = 4  # u32
+U32 = struct.Struct("=I")
 
 # One datagram holds one link message of a few hundred bytes to a few KiB
 # (with stats and VF info); 64 KiB cannot truncate any of them.
@@ -161,6 +170,18 @@ def interface_info(ifname: str) -> InterfaceInfo:
     )
 
 
+def _attr_u32(data: bytes, offset: int, end: int, wanted: int) -> int | None:
+    """The u32 value of the first rtattr of type `wanted` in data[offset:end], if any."""
+    while offset + RTATTR.size <= end:
+        length, kind = RTATTR.unpack_from(data, offset)
+        if length < RTATTR.size or offset + length > end:
+            return None  # malformed; the kernel never sends this, do not loop
+        if kind == wanted and length >= RTATTR.size + U32.size:
+            return U32.unpack_from(data, offset + RTATTR.size)[0]
+        offset += (length + RTA_ALIGNTO - 1) & ~(RTA_ALIGNTO - 1)
+    return None
+
+
 class CarrierMonitor:
     """Carrier changes of one interface, for a select/poll loop.
 
@@ -191,6 +212,16 @@ class CarrierMonitor:
             raise
         self.index = info.index
         self.carrier = info.carrier
+        self.mtu = info.mtu  # the last MTU the kernel reported
+        self._mtu_taken = info.mtu  # the last one take_mtu_change() returned
+
+    def take_mtu_change(self) -> int | None:
+        """The interface's MTU if it changed since the last call (or since the monitor
+        was made), else None.  Read after :meth:`read`, which collects the changes."""
+        if self.mtu == self._mtu_taken or self.gone:
+            return None
+        self._mtu_taken = self.mtu
+        return self.mtu
 
     def fileno(self) -> int:
         """The netlink socket's descriptor: readable when events are queued."""
@@ -232,6 +263,10 @@ class CarrierMonitor:
                         self._note(False, changes)
                     else:
                         self._note(bool(flags & IFF_LOWER_UP), changes)
+                        mtu = _attr_u32(data, offset + NLMSGHDR.size + IFINFOMSG.size,
+                                        offset + length, IFLA_MTU)
+                        if mtu is not None:
+                            self.mtu = mtu
             offset += (length + NLMSG_ALIGNTO - 1) & ~(NLMSG_ALIGNTO - 1)
 
     def _note(self, carrier: bool, changes: list[bool]) -> None:
@@ -251,6 +286,8 @@ class CarrierMonitor:
             self._note(False, changes)
             return
         self._note(info.carrier, changes)
+        if info.mtu is not None:
+            self.mtu = info.mtu
 
     def close(self) -> None:
         """Close the netlink socket (idempotent)."""

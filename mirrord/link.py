@@ -112,6 +112,9 @@ class Link:
                     log.info("%s: carrier %s", self.ifname, "up" if up else "down")
                     for conn in self._conns.values():
                         conn.carrier_changed(up, now=now)
+                mtu = self.carrier.take_mtu_change()
+                if mtu is not None:
+                    self._mtu_changed(mtu, now)
         self._receive(now)
         for conn in self._conns.values():
             due = conn.get_timer()
@@ -123,6 +126,19 @@ class Link:
             while (event := conn.next_event()) is not None:
                 events.append((conn, event))
         return events
+
+    def _mtu_changed(self, mtu: int, now: float) -> None:
+        # The socket's rings were sized for the MTU at startup: frames above it would
+        # not fit a receive slot, so a raised MTU serves only after a restart.
+        usable = min(mtu, self.socket.mtu)
+        if usable < mtu:
+            log.warning("%s: MTU raised to %d; this daemon goes on using at most %d "
+                        "(restart it to use more)", self.ifname, mtu, usable)
+        else:
+            log.warning("%s: MTU changed to %d: sessions agreed on more reconnect at it",
+                        self.ifname, mtu)
+        for conn in self._conns.values():
+            conn.mtu_changed(usable, now=now)
 
     def _receive(self, now: float) -> None:
         conns = self._conns

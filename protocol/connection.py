@@ -24,6 +24,7 @@ HELLO cannot tear a session down.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from typing import Hashable
@@ -39,8 +40,8 @@ from .events import (
     Connected, ConnectionLost, Event, HandshakeRefused, MessageReceived, MessagesAcknowledged,
 )
 from .frames import (
-    AUTHENTICATED, BEGIN, CHECKSUM_OFFSET, END, HEADER, HEADER_SIZE, TRAILER_SIZE, VERSION,
-    DataFrames, FrameType, decode_frame, encode_frame, frame_builder, peek_version,
+    AUTHENTICATED, BEGIN, CHECKSUM_OFFSET, END, HEADER, HEADER_SIZE, MAX_MTU, MIN_MTU,
+    TRAILER_SIZE, VERSION, DataFrames, FrameType, decode_frame, encode_frame, frame_builder, peek_version,
 )
 from .handshake import (
     MAX_VERSION, MIN_VERSION, NONCE_SIZE, decode_hello, encode_hello, session_id,
@@ -161,6 +162,23 @@ class Connection:
             self._new_attempt(now)
         elif up and self._attempt is not None:
             self._hello_at = now  # say hello at once: the peer may be back
+
+    def mtu_changed(self, mtu: int, *, now: float) -> None:
+        """The link layer saw the interface's MTU become `mtu`.
+
+        HELLOs from now on offer it.  A session agreed on a larger MTU ends at once:
+        the kernel refuses its frames, and retransmitting them would only wait for a
+        dead-peer timeout that never comes (pings are small and still pass).  A new
+        session, at the new MTU, is sought at once; the upper layer sees the loss and
+        the reconnection as after any other.  A larger MTU leaves the session as it
+        is (its frames still fit) and serves the next one.
+        """
+        offered = min(max(mtu, MIN_MTU), MAX_MTU)  # below MIN_MTU not even a HELLO fits
+        self.config = dataclasses.replace(self.config, mtu=offered)
+        session = self._session
+        if session is not None and mtu < session.mtu:
+            self._lose(session, f"interface MTU lowered to {mtu}, below the session's "
+                       f"{session.mtu}: reconnecting", now)
 
     def send_message(self, data, *, now: float) -> int:
         """Queue one message for the peer; returns its number (see MessagesAcknowledged).

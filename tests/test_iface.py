@@ -158,3 +158,31 @@ def test_deleted_interface_reads_as_carrier_lost_and_gone(netns_pair):
         assert mon.read() == []
     finally:
         mon.close()
+
+
+def test_mtu_change_is_reported_once_and_leaves_the_carrier_alone(netns_pair):
+    pair = netns_pair
+    mon = _monitor(pair, pair.ns_a)
+    try:
+        start = mon.mtu
+        assert mon.take_mtu_change() is None  # nothing changed since the monitor was made
+        lower = start - 500
+        pair.run(pair.ns_a, ["ip", "link", "set", "dev", pair.if_a, "mtu", str(lower)])
+        deadline = time.monotonic() + FAST_EVENT_S
+        changes: list[bool] = []
+        while mon.mtu != lower and time.monotonic() < deadline:
+            select.select([mon], [], [], 0.05)
+            changes += mon.read()
+        assert mon.mtu == lower
+        assert changes == [] and mon.carrier
+        assert mon.take_mtu_change() == lower
+        assert mon.take_mtu_change() is None  # once per change
+        # Back to where it was: a change again (the caller decides what it means).
+        pair.run(pair.ns_a, ["ip", "link", "set", "dev", pair.if_a, "mtu", str(start)])
+        deadline = time.monotonic() + FAST_EVENT_S
+        while mon.mtu != start and time.monotonic() < deadline:
+            select.select([mon], [], [], 0.05)
+            mon.read()
+        assert mon.take_mtu_change() == start
+    finally:
+        mon.close()

@@ -307,3 +307,53 @@ def test_two_resources_share_one_link(netns_pair_factory, tmp_path):
     finally:
         for pair in pairs:
             pair.close()
+
+
+def test_mtu_lowered_under_a_running_stream_reconnects_at_it(mirror_pair):
+    """Both ends of the link go from MTU 9000 to 1500 while the primary writes: the
+    session ends and a new one is agreed at 1500 within seconds (it used to retransmit
+    9000-byte frames that the kernel refused, for ever), writes go on, and the two disks
+    end identical."""
+    pair = started_pair(mirror_pair, size=64 * MiB)
+    import nbdclient
+
+    nbd = nbdclient.load()
+    handle = nbd.NBD()
+    handle.connect_uri(pair.uri("alpha"))
+    rng = random.Random(5)
+    stop = threading.Event()
+    errors, done_at = [], []
+
+    def writer():
+        try:
+            while not stop.is_set():
+                handle.pwrite(rng.randbytes(65536), rng.randrange(0, pair.size // 65536) * 65536)
+                done_at.append(time.monotonic())
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        assert done_at, "no write completed before the MTU change"
+        lowered = time.monotonic()
+        for node in ("beta", "alpha"):
+            pair.net.run(pair.ns[node], ["ip", "link", "set", "dev", pair.ifname[node],
+                                         "mtu", "1500"])
+        pair.wait("alpha", lambda s: "MTU 1500" in open(pair.logs["alpha"]).read()
+                  and s["connection"] in ("connected", "sync-source"), 10,
+                  "alpha reconnected at MTU 1500")
+        time.sleep(1.0)
+        after = [t for t in done_at if t > lowered + 0.5]
+        assert len(after) > 10, f"only {len(after)} writes completed after the MTU change"
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not errors, errors
+    handle.flush()
+    handle.shutdown()
+    pair.wait_connected(timeout=60)
+    log = open(pair.logs["alpha"]).read()
+    assert "MTU changed to 1500" in log and "MTU lowered to 1500" in log, log
+    assert_identical(pair)
