@@ -135,8 +135,8 @@ class Link:
             log.warning("%s: MTU raised to %d; this daemon goes on using at most %d "
                         "(restart it to use more)", self.ifname, mtu, usable)
         else:
-            log.warning("%s: MTU changed to %d: sessions agreed on more reconnect at it",
-                        self.ifname, mtu)
+            log.warning("%s: MTU changed to %d: a session agreed on more reconnects at "
+                        "it; one agreed on less goes on as it is", self.ifname, mtu)
         for conn in self._conns.values():
             conn.mtu_changed(usable, now=now)
 
