@@ -47,6 +47,11 @@ class LinkService:
         self._unacked = 0  # bytes queued or sent, not yet acked
         self._sent: collections.deque = collections.deque()  # (msg_no, size, on_acked)
         self._stop = False
+        # The eventfd holds a wake-up that _drain_inputs has not read yet.  Both change
+        # only under _lock, so the link thread reads the eventfd only when there is
+        # something to read: a read that fails with EAGAIN costs a system call and an
+        # exception, and it happened on every loop turn.
+        self._woken = False
         self._thread: threading.Thread | None = None
         self.failure: BaseException | None = None
 
@@ -58,7 +63,8 @@ class LinkService:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop = True
-        self._poke()
+        with self._lock:
+            self._poke_locked()
         if self._thread is not None:
             self._thread.join(timeout)
         self.link.close()
@@ -80,13 +86,13 @@ class LinkService:
         with self._lock:
             self._unacked += size
             self._queue.append((data, size, session, on_acked))
-        self._poke()
+            self._poke_locked()
 
     def call_soon(self, func: Callable[[], None]) -> None:
         """Run `func()` in the link thread (to touch the Connection safely)."""
         with self._lock:
             self._calls.append(func)
-        self._poke()
+            self._poke_locked()
 
     def wait_for_room(self, nbytes: int, timeout: float) -> bool:
         """Wait until `nbytes` more fit under the unacked limit; False on timeout."""
@@ -99,11 +105,15 @@ class LinkService:
                 self._room.wait(left)
         return True
 
-    def _poke(self) -> None:
+    def _poke_locked(self) -> None:
+        """Under _lock: wake the link thread's poll, unless a wake-up is pending."""
+        if self._woken:
+            return
         try:
             os.eventfd_write(self._wake, 1)
         except OSError:
-            pass  # closed while stopping
+            return  # closed while stopping
+        self._woken = True
 
     # --- the link thread ------------------------------------------------------------
 
@@ -121,11 +131,13 @@ class LinkService:
             self._release_all()
 
     def _drain_inputs(self) -> None:
-        try:
-            os.eventfd_read(self._wake)
-        except BlockingIOError:
-            pass
         with self._lock:
+            if self._woken:
+                self._woken = False
+                try:
+                    os.eventfd_read(self._wake)
+                except BlockingIOError:
+                    pass  # cannot happen while _woken tells the truth; harmless if it does
             calls, self._calls = self._calls, collections.deque()
             queue, self._queue = self._queue, collections.deque()
         for func in calls:
