@@ -213,27 +213,48 @@ def test_kill_9_of_the_primary_never_loses_an_acknowledged_write(mirror_pair):
     assert_identical(pair)
 
 
+class WriteStream:
+    """Random 64 KiB writes through the primary's export from a thread, as fast as they
+    complete, until the `with` block ends; then the writes are flushed.  `done_at` holds
+    each write's completion time; a failed write is raised at the end of the block."""
+
+    def __init__(self, pair, seed: int) -> None:
+        import nbdclient
+
+        self.pair = pair
+        self.handle = nbdclient.load().NBD()
+        self.handle.connect_uri(pair.uri("alpha"))
+        self.rng = random.Random(seed)
+        self.done_at: list[float] = []
+        self.errors: list[Exception] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._write)
+
+    def _write(self) -> None:
+        blocks = self.pair.size // 65536
+        try:
+            while not self._stop.is_set():
+                self.handle.pwrite(self.rng.randbytes(65536), self.rng.randrange(blocks) * 65536)
+                self.done_at.append(time.monotonic())
+        except Exception as exc:  # noqa: BLE001 - reported at the end of the block
+            self.errors.append(exc)
+
+    def __enter__(self) -> "WriteStream":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join(60)
+        if exc_info[0] is None:
+            assert not self.errors, self.errors
+            self.handle.flush()
+        self.handle.shutdown()
+
+
 def test_kill_9_of_the_secondary_during_writes(mirror_pair, tmp_path):
     pair = started_pair(mirror_pair, size=64 * MiB)
-    import nbdclient
-
-    nbd = nbdclient.load()
-    handle = nbd.NBD()
-    handle.connect_uri(pair.uri("alpha"))
-    rng = random.Random(3)
-    stop = threading.Event()
-    errors = []
-
-    def writer():
-        try:
-            while not stop.is_set():
-                handle.pwrite(rng.randbytes(65536), rng.randrange(0, pair.size // 65536) * 65536)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    thread = threading.Thread(target=writer)
-    thread.start()
-    try:
+    with WriteStream(pair, seed=3):
         time.sleep(0.5)
         pair.kill("beta", signal.SIGKILL)
         time.sleep(3)  # the primary notices (dead-peer timeout) and goes on alone
@@ -244,12 +265,6 @@ def test_kill_9_of_the_secondary_during_writes(mirror_pair, tmp_path):
         pair.wait("alpha", lambda s: s["connection"] in ("sync-source", "connected"), 30,
                   "alpha reconnected")
         time.sleep(0.5)
-    finally:
-        stop.set()
-        thread.join(30)
-    assert not errors, errors
-    handle.flush()
-    handle.shutdown()
     pair.wait_connected(timeout=60)
     assert_identical(pair)
 
@@ -315,28 +330,9 @@ def test_mtu_lowered_under_a_running_stream_reconnects_at_it(mirror_pair):
     9000-byte frames that the kernel refused, for ever), writes go on, and the two disks
     end identical."""
     pair = started_pair(mirror_pair, size=64 * MiB)
-    import nbdclient
-
-    nbd = nbdclient.load()
-    handle = nbd.NBD()
-    handle.connect_uri(pair.uri("alpha"))
-    rng = random.Random(5)
-    stop = threading.Event()
-    errors, done_at = [], []
-
-    def writer():
-        try:
-            while not stop.is_set():
-                handle.pwrite(rng.randbytes(65536), rng.randrange(0, pair.size // 65536) * 65536)
-                done_at.append(time.monotonic())
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    thread = threading.Thread(target=writer)
-    thread.start()
-    try:
+    with WriteStream(pair, seed=5) as stream:
         time.sleep(0.5)
-        assert done_at, "no write completed before the MTU change"
+        assert stream.done_at, "no write completed before the MTU change"
         lowered = time.monotonic()
         for node in ("beta", "alpha"):
             pair.net.run(pair.ns[node], ["ip", "link", "set", "dev", pair.ifname[node],
@@ -345,14 +341,8 @@ def test_mtu_lowered_under_a_running_stream_reconnects_at_it(mirror_pair):
                   and s["connection"] in ("connected", "sync-source"), 10,
                   "alpha reconnected at MTU 1500")
         time.sleep(1.0)
-        after = [t for t in done_at if t > lowered + 0.5]
+        after = [t for t in stream.done_at if t > lowered + 0.5]
         assert len(after) > 10, f"only {len(after)} writes completed after the MTU change"
-    finally:
-        stop.set()
-        thread.join(60)
-    assert not errors, errors
-    handle.flush()
-    handle.shutdown()
     pair.wait_connected(timeout=60)
     log = open(pair.logs["alpha"]).read()
     assert "MTU changed to 1500" in log and "MTU lowered to 1500" in log, log
