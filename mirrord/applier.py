@@ -41,7 +41,7 @@ class Applier:
         self._queue.put((session, message))
 
     def _run(self) -> None:
-        name_os_thread(threading.current_thread().name)
+        name_os_thread()
         while True:
             item = self._queue.get()
             if item is None:

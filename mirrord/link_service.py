@@ -118,7 +118,7 @@ class LinkService:
     # --- the link thread ------------------------------------------------------------
 
     def _run(self) -> None:
-        name_os_thread(threading.current_thread().name)
+        name_os_thread()
         try:
             self.link.start()
             while not self._stop:

@@ -340,7 +340,7 @@ class _Connection:
     # --- thread body ------------------------------------------------------------------
 
     def _run(self) -> None:
-        name_os_thread(threading.current_thread().name)
+        name_os_thread()
         established = False
         drain = False
         try:
@@ -722,7 +722,7 @@ class _Connection:
     def _write_replies(self) -> None:
         """The writer thread: send queued replies (all that are waiting in one send),
         then free their requests' slots."""
-        name_os_thread(threading.current_thread().name)
+        name_os_thread()
         replies = self._replies
         popleft = replies.popleft
         wake = self._writer_wake

@@ -5,8 +5,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-import os
 import logging
+import os
+import threading
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,15 @@ def tune_allocator() -> bool:
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
-def name_os_thread(name: str) -> None:
-    """Give the calling thread `name` in the kernel too (top -H, perf, /proc/PID/task).
+def name_os_thread(name: str | None = None) -> None:
+    """Give the calling thread `name` (default: its Python name) in the kernel too, for
+    top -H, perf and /proc/PID/task.
 
     Python's thread names live only in the interpreter; with this an operator - or a
     profile - can tell the link thread from the applier.  The kernel keeps 15 bytes.
     """
+    if name is None:
+        name = threading.current_thread().name
     try:
         with open("/proc/thread-self/comm", "w") as comm:
             comm.write(name[:15])

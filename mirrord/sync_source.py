@@ -68,7 +68,7 @@ class SyncSource(threading.Thread):
         return not self.copying or self._chunks % PROBE_EVERY == 0
 
     def run(self) -> None:
-        name_os_thread(threading.current_thread().name)
+        name_os_thread()
         engine = self.engine
         last_flush = time.monotonic()
         # At most the configured rate; slower while the application writes.
@@ -107,7 +107,7 @@ class Verifier(threading.Thread):
         self.session = session
 
     def run(self) -> None:
-        name_os_thread(threading.current_thread().name)
+        name_os_thread()
         engine = self.engine
         completed = False
         try:

@@ -52,9 +52,18 @@ def test_name_os_thread_sets_the_kernel_name_of_the_calling_thread_only():
         with open("/proc/thread-self/comm") as f:
             seen["comm"] = f.read().strip()
 
+    def unnamed():
+        name_os_thread()  # its Python name
+        with open("/proc/thread-self/comm") as f:
+            seen["default"] = f.read().strip()
+
     thread = threading.Thread(target=body)
     thread.start()
     thread.join(10)
     assert seen["comm"] == "mirrord-test-th"  # the kernel keeps 15 bytes
     with open("/proc/thread-self/comm") as f:
         assert f.read().strip() != "mirrord-test-th"
+    thread = threading.Thread(target=unnamed, name="applier")
+    thread.start()
+    thread.join(10)
+    assert seen["default"] == "applier"
