@@ -12,6 +12,8 @@ import os
 import stat
 import struct
 
+from .exclusive import lock_exclusively
+
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _BLKZEROOUT = 0x127F  # _IO(0x12, 127)
@@ -51,11 +53,17 @@ class BackingError(OSError):
 
 
 class BackingStore:
-    """One disk, opened read-write for the life of the daemon."""
+    """One disk, opened read-write (and locked: mirrord/exclusive.py) for the life of
+    the daemon.  Raises OSError if it cannot be opened, InUseError if another daemon has it."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            lock_exclusively(self.fd, path, "disk")
+        except BaseException:
+            os.close(self.fd)
+            raise
         st = os.fstat(self.fd)
         self.is_block = stat.S_ISBLK(st.st_mode)
         self.size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block else st.st_size

@@ -31,6 +31,7 @@ from .config import ConfigFileError, check_local, load_config
 from .control import ControlRefused, ControlServer, request_arg
 from .engine import Engine, Refused
 from .events import DEFAULT_INTERVAL, KEEPALIVE, status_events
+from .exclusive import InUseError
 from .faults import parse_fault_spec
 from .fencing import Fencer
 from .hooks import HookConfig, HookRunner
@@ -77,6 +78,8 @@ class Daemon:
         node = cfg.node
         try:
             self.store = BackingStore(node.disk)
+        except InUseError as exc:
+            raise StartupError(f"{cfg.path}: nodes.{node.name}.disk: {exc.strerror}") from None
         except OSError as exc:
             raise StartupError(f"{cfg.path}: nodes.{node.name}.disk: cannot open "
                                f"{node.disk}: {exc.strerror}") from None

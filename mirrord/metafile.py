@@ -16,6 +16,8 @@ from resync.metadata import (
     decode_page, decode_super, encode_al, encode_page, encode_super,
 )
 
+from .exclusive import InUseError, is_locked, lock_exclusively
+
 log = logging.getLogger(__name__)
 
 
@@ -43,9 +45,19 @@ class MetaStore:
     @classmethod
     def create(cls, path: str, meta: Metadata, force: bool = False) -> None:
         """Write fresh metadata (inconsistent disk, no generation, empty bitmap and log)."""
-        if os.path.exists(path) and not force:
-            raise MetadataFileError(f"metadata {path} already exists (use --force to "
-                                    "overwrite it: the node then forgets what it knew)")
+        if os.path.exists(path):
+            if not force:
+                raise MetadataFileError(f"metadata {path} already exists (use --force to "
+                                        "overwrite it: the node then forgets what it knew)")
+            try:
+                running = is_locked(path)
+            except OSError as exc:
+                raise MetadataFileError(f"metadata {path}: {exc.strerror}") from None
+            if running:
+                # Replacing the file under a running daemon would leave it writing the
+                # old one while the next start reads a blank one.
+                raise MetadataFileError(f"metadata {path} is in use by a running mirrord: "
+                                        "stop it first (`mirrorctl down`, or its unit)")
         layout = Layout(meta.size, meta.block)
         tmp = f"{path}.new"
         try:
@@ -76,6 +88,10 @@ class MetaStore:
         except OSError as exc:
             raise MetadataFileError(f"metadata {path}: {exc.strerror}") from None
         try:
+            try:
+                lock_exclusively(fd, path, "metadata")
+            except InUseError as exc:
+                raise MetadataFileError(str(exc.strerror)) from None
             return cls._load(path, fd, size=size, node=node, volume_id=volume_id)
         except BaseException:
             os.close(fd)

@@ -299,3 +299,59 @@ def test_metadata_of_another_node_is_refused(mirror_pair):
                           capture_output=True, text=True, check=False, env=ENV, cwd=REPO,
                           timeout=20)
     assert result.returncode == 2 and "belongs to node 'beta'" in result.stderr, result.stderr
+
+
+def _run_mirrord(pair, config: str, node: str = "alpha"):
+    from mirrorpair import ENV, REPO, mirrord_argv
+
+    return pair.net.run(pair.ns[node], mirrord_argv(config, node), capture_output=True,
+                        text=True, check=False, env=ENV, cwd=REPO, timeout=20)
+
+
+def test_a_second_daemon_on_the_same_disk_or_metadata_is_refused(mirror_pair):
+    pair = started_pair(mirror_pair, size=8 * MiB)
+    h = nbd_handle(pair)
+    h.pwrite(b"kept" * 1024, 0)
+    h.flush()
+    h.shutdown()
+    disk_before = open(pair.disk("alpha"), "rb").read()
+    meta = pair.paths["alpha"]["metadata"]
+    meta_before = open(meta, "rb").read()
+    # The same resource started twice (by hand next to the unit): stopped at the disk.
+    result = _run_mirrord(pair, pair.config)
+    assert result.returncode == 2, result.stderr
+    assert f"{pair.disk('alpha')} is in use by another mirrord" in result.stderr
+    assert "nodes.alpha.disk" in result.stderr and "Traceback" not in result.stderr
+    # Another resource file naming the same metadata but its own disk and sockets:
+    # stopped at the metadata.
+    other = pair.config + ".other.toml"
+    text = open(pair.config).read()
+    for key in ("disk", "nbd_socket", "control_socket"):
+        text = text.replace(pair.paths["alpha"][key], pair.paths["alpha"][key] + ".other")
+    open(other, "w").write(text)
+    with open(pair.paths["alpha"]["disk"] + ".other", "wb") as f:
+        f.truncate(8 * MiB)
+    result = _run_mirrord(pair, other)
+    assert result.returncode == 2, result.stderr
+    assert f"metadata {meta} is in use by another mirrord" in result.stderr
+    assert "nodes.alpha.metadata" in result.stderr and "Traceback" not in result.stderr
+    # create-md --force on the metadata under the running daemon: refused, the file
+    # left alone (through the other file, whose control socket finds no daemon to ask).
+    from mirrorpair import ENV, REPO, mirrorctl_argv
+
+    refused = subprocess.run(mirrorctl_argv("--config", other, "--node", "alpha",
+                                            "create-md", "--force"),
+                             capture_output=True, text=True, env=ENV, cwd=REPO, timeout=30)
+    assert refused.returncode != 0 and "in use by a running mirrord" in refused.stderr, refused
+    assert open(meta, "rb").read() == meta_before
+    # The first daemon served on, untouched.
+    assert open(pair.disk("alpha"), "rb").read() == disk_before
+    assert pair.procs["alpha"].poll() is None
+    assert pair.status("alpha")["role"] == "primary"
+    h = nbd_handle(pair)
+    assert h.pread(4096, 0) == b"kept" * 1024
+    h.shutdown()
+    # Once it has stopped (however: kill -9 here), the next start takes the files.
+    pair.kill("alpha")
+    pair.start("alpha")
+    assert pair.status("alpha")["node"] == "alpha"
