@@ -734,21 +734,6 @@ class Engine(SyncMixin, FenceMixin):
             self.service.submit(encode_control(MessageType.STATE, self._state_body()),
                                 self.session)
 
-    def _out_of_sync_map(self, cells: int = 64) -> list[int]:
-        """Percent of blocks marked in each of `cells` equal slices of the volume."""
-        bitmap = self.bitmap
-        whole = int.from_bytes(bitmap.bits, "little")
-        out = []
-        for i in range(cells):
-            first = bitmap.nbits * i // cells
-            end = bitmap.nbits * (i + 1) // cells
-            if end <= first:
-                out.append(0)
-                continue
-            marked = ((whole >> first) & ((1 << (end - first)) - 1)).bit_count()
-            out.append(round(100 * marked / (end - first)))
-        return out
-
     def status(self) -> dict:
         with self._lock:
             peer = None
@@ -767,7 +752,7 @@ class Engine(SyncMixin, FenceMixin):
                            if self.verify is not None else None),
                 "last_verify": self.verify_done,
                 "size_bytes": self.size,
-                "out_of_sync_map": self._out_of_sync_map(),
+                "out_of_sync_map": self.bitmap.out_of_sync_map(),
                 "resync_sent_bytes": self.resync_sent_bytes,
                 "resync_received_bytes": self.resync_received_bytes,
                 "generation": {"current": f"{self.meta.current:016x}",

@@ -7,6 +7,13 @@ it) - never for a block a write covered only in part, since the rest of it may d
 The bits are kept in pages (resync/metadata.py gives each page a checksum on disk), and
 the bitmap remembers which pages changed since they were last written out, so the daemon
 writes only those.
+
+How many bits are set is kept as the bits change, in total and per segment (at most
+MAX_SEGMENTS equal runs of bytes), so that `count()` and `out_of_sync_map()` cost the
+same on a 16 TiB volume (a 512 MiB bitmap) as on a small one: the daemon answers
+`status`, `watch` and metrics scrapes under the lock its writes take, and counting the
+whole bitmap there took 0.2 s per TiB of volume.  A change pays for the bytes it
+touches, nothing more.
 """
 
 from __future__ import annotations
@@ -14,11 +21,18 @@ from __future__ import annotations
 from typing import Iterator
 
 DEFAULT_BLOCK = 4096
+# Segments the set-bit counts are kept for: on volumes of 128 MiB and more each of the
+# status map's 64 cells spans 32 to 64 of them (its slices equal to within a segment).
+MAX_SEGMENTS = 4096
+
+
+def _popcount(data) -> int:
+    return int.from_bytes(data, "little").bit_count()
 
 
 class Bitmap:
     def __init__(self, size: int, block: int = DEFAULT_BLOCK, page_bits: int = 4080 * 8,
-                 bits: bytes | None = None) -> None:
+                 bits: bytes | None = None, max_segments: int = MAX_SEGMENTS) -> None:
         if block <= 0 or block & (block - 1):
             raise ValueError("block size must be a power of two")
         self.size = size
@@ -34,6 +48,14 @@ class Bitmap:
                 raise ValueError(f"{len(bits)} bytes of bits, need {length}")
             self.bits = bytearray(bits[:length])
         self.dirty_pages: set[int] = set()
+        # Segment: seg_bytes bytes of bits (a power of two).  seg_counts[i] is how many
+        # bits of segment i are set; marked their sum.
+        self.seg_bytes = 1
+        while length > self.seg_bytes * max_segments:
+            self.seg_bytes *= 2
+        self.seg_counts: list[int] = []
+        self.marked = 0
+        self._recount_all()
 
     # --- block arithmetic ---------------------------------------------------------
 
@@ -75,10 +97,51 @@ class Bitmap:
         if new != self.bits:
             self.bits[:] = new
             self.dirty_pages.update(range(self.npages))
+            self._recount_all()
+
+    # --- keeping the counts -------------------------------------------------------
+
+    def _recount_all(self) -> None:
+        bits, step = self.bits, self.seg_bytes
+        self.seg_counts = [_popcount(bits[i:i + step]) for i in range(0, len(bits), step)]
+        self.marked = sum(self.seg_counts)
+
+    def _pieces(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """(segment, start, end) byte runs of [lo, hi) cut at segment boundaries."""
+        step = self.seg_bytes
+        return [(seg, max(lo, seg * step), min(hi, (seg + 1) * step))
+                for seg in range(lo // step, (hi - 1) // step + 1)]
+
+    def _counting(self, lo: int, hi: int, change) -> None:
+        """Run change(), which alters only bytes [lo, hi) of the bits, keeping the counts:
+        the bytes of the range are counted before and after (cost: the bytes touched)."""
+        bits = self.bits
+        pieces = self._pieces(lo, hi) if hi > lo else []
+        before = [_popcount(bits[a:b]) for _, a, b in pieces]
+        change()
+        counts = self.seg_counts
+        for (seg, a, b), was in zip(pieces, before):
+            delta = _popcount(bits[a:b]) - was
+            counts[seg] += delta
+            self.marked += delta
 
     def _assign(self, first: int, end: int, value: bool) -> None:
         if end <= first:
             return
+        lo = first // 8
+        if lo == (end - 1) // 8:
+            # Within one byte (a 4 KiB write: one block): the common case, kept short.
+            bits = self.bits
+            was = bits[lo].bit_count()
+            self._write_bits(first, end, value)
+            delta = bits[lo].bit_count() - was
+            self.seg_counts[lo // self.seg_bytes] += delta
+            self.marked += delta
+        else:
+            self._counting(lo, (end + 7) // 8, lambda: self._write_bits(first, end, value))
+        self.dirty_pages.update(range(first // self.page_bits, (end - 1) // self.page_bits + 1))
+
+    def _write_bits(self, first: int, end: int, value: bool) -> None:
         bits = self.bits
         fill = 0xFF if value else 0x00
         head_byte, tail_byte = first // 8, end // 8
@@ -94,7 +157,6 @@ class Bitmap:
             if end % 8:
                 mask = (1 << (end % 8)) - 1
                 bits[tail_byte] = (bits[tail_byte] | mask) if value else (bits[tail_byte] & ~mask)
-        self.dirty_pages.update(range(first // self.page_bits, (end - 1) // self.page_bits + 1))
 
     # --- questions ----------------------------------------------------------------
 
@@ -103,7 +165,20 @@ class Bitmap:
 
     def count(self) -> int:
         """Blocks marked."""
-        return int.from_bytes(self.bits, "little").bit_count()
+        return self.marked
+
+    def out_of_sync_map(self, cells: int = 64) -> list[int]:
+        """Percent of blocks marked in each of `cells` slices of the volume, equal to
+        within a segment (their edges fall on segment boundaries); 0 for a slice that
+        holds no segment (a volume of fewer than `cells` segments)."""
+        counts, step, nbits = self.seg_counts, self.seg_bytes * 8, self.nbits
+        nseg = len(counts)
+        out = []
+        for i in range(cells):
+            first, end = nseg * i // cells, nseg * (i + 1) // cells
+            span = min(end * step, nbits) - first * step
+            out.append(round(100 * sum(counts[first:end]) / span) if span > 0 else 0)
+        return out
 
     def dirty_bytes(self) -> int:
         """Bytes of the volume the marked blocks cover (the tail block counts its real size)."""
@@ -148,11 +223,14 @@ class Bitmap:
         """Put one page read from disk in place; None (a torn page) marks its whole range."""
         start = page * self.page_bits // 8
         end = min(len(self.bits), start + self.page_bits // 8)
-        if data is None:
-            self.bits[start:end] = b"\xff" * (end - start)
+
+        def put() -> None:
+            self.bits[start:end] = (b"\xff" * (end - start) if data is None
+                                    else data[:end - start])
             extra = self.nbits % 8
-            if end == len(self.bits) and extra:
-                self.bits[-1] &= (1 << extra) - 1
+            if end == len(self.bits) and extra and end > start:
+                self.bits[-1] &= (1 << extra) - 1  # no marks beyond the last block
+
+        self._counting(start, end, put)
+        if data is None:
             self.dirty_pages.add(page)
-        else:
-            self.bits[start:end] = data[:end - start]

@@ -18,16 +18,18 @@ from resync.bitmap import DEFAULT_BLOCK, Bitmap
 
 
 class Geometry:
-    def __init__(self, size: int, block: int, page_bits: int) -> None:
+    def __init__(self, size: int, block: int, page_bits: int, max_segments: int = 4096) -> None:
         self.size, self.block, self.page_bits = size, block, page_bits
+        self.max_segments = max_segments
         self.nbits = -(-size // block)
         self.npages = max(1, -(-self.nbits // page_bits))
 
     def __repr__(self) -> str:
-        return f"Geometry(size={self.size}, block={self.block}, page_bits={self.page_bits})"
+        return (f"Geometry(size={self.size}, block={self.block}, page_bits={self.page_bits}, "
+                f"max_segments={self.max_segments})")
 
     def new(self) -> Bitmap:
-        return Bitmap(self.size, self.block, self.page_bits)
+        return Bitmap(self.size, self.block, self.page_bits, max_segments=self.max_segments)
 
     def block_bytes(self, b: int) -> int:
         """Real size of block b (the tail block may be short)."""
@@ -59,10 +61,20 @@ def marked(bm: Bitmap) -> set[int]:
 
 def assert_matches(bm: Bitmap, model: set[int]) -> None:
     assert marked(bm) == model
-    # count() looks at every bit of the buffer, so this also proves that the padding
-    # bits past nbits stayed clear.
-    assert bm.count() == len(model)
+    # Every bit of the buffer counted afresh: also proves that the padding bits past
+    # nbits stayed clear.
+    assert int.from_bytes(bm.bits, "little").bit_count() == len(model)
     assert len(bm.bits) == (bm.nbits + 7) // 8
+    assert_counts_kept(bm)
+
+
+def assert_counts_kept(bm: Bitmap) -> None:
+    """The counts kept as bits change equal the counts taken afresh, segment by segment."""
+    step = bm.seg_bytes
+    fresh = [int.from_bytes(bm.bits[i:i + step], "little").bit_count()
+             for i in range(0, len(bm.bits), step)]
+    assert bm.seg_counts == fresh
+    assert bm.count() == bm.marked == sum(fresh)
 
 
 @st.composite
@@ -71,7 +83,9 @@ def geometries(draw, max_blocks: int = 150) -> Geometry:
     full = draw(st.integers(0, max_blocks))
     tail = draw(st.one_of(st.just(0), st.integers(0, block - 1)))
     page_bits = draw(st.sampled_from([8, 16, 24, 64, 32640]))
-    return Geometry(full * block + tail, block, page_bits)
+    # Few segments, so that they span several bytes and pages and a change cuts them.
+    max_segments = draw(st.sampled_from([1, 2, 3, 7, 4096]))
+    return Geometry(full * block + tail, block, page_bits, max_segments)
 
 
 def byte_ranges(g: Geometry):
@@ -486,3 +500,55 @@ def test_partial_cover_clears_nothing_and_dirties_nothing():
     bm.clear_range(1, 4096)
     assert bm.count() == 10
     assert bm.dirty_pages == set()
+
+
+# --- the status map and the cost of asking ---------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_out_of_sync_map_gives_each_slice_its_share_of_marked_blocks(data):
+    g = data.draw(geometries(max_blocks=3000), label="geometry")
+    model = data.draw(block_sets(g), label="blocks")
+    cells = data.draw(st.sampled_from([1, 4, 64]), label="cells")
+    bm = bitmap_with(g, model)
+    got = bm.out_of_sync_map(cells)
+    assert len(got) == cells
+    # The slices, from the model: `cells` runs of whole segments (of seg_bytes * 8 blocks).
+    step, nseg = bm.seg_bytes * 8, len(bm.seg_counts)
+    for i, percent in enumerate(got):
+        first, end = nseg * i // cells * step, min(nseg * (i + 1) // cells * step, g.nbits)
+        if end <= first:
+            assert percent == 0
+            continue
+        share = len({b for b in model if first <= b < end}) / (end - first)
+        assert percent == round(100 * share)
+
+
+def test_out_of_sync_map_of_a_volume_with_a_marked_quarter():
+    bm = Bitmap(64 << 20)  # 16,384 blocks: 2,048 one-byte segments, 32 to a cell
+    bm.set_range(0, 16 << 20)
+    assert bm.out_of_sync_map() == [100] * 16 + [0] * 48
+    # Cells are 1 MiB (256 blocks): 64 blocks at the end of cell 32, 64 at the start of 33.
+    bm.set_range((32 << 20) + 4096 * 192, 4096 * 128)
+    assert bm.out_of_sync_map()[31:35] == [0, 25, 25, 0]
+
+
+def test_asking_reads_no_bits_and_a_change_counts_only_what_it_touches(monkeypatch):
+    """status, watch and metrics ask under the lock writes take: count(), dirty_bytes()
+    and out_of_sync_map() must not scan a bitmap (32 MiB here: a 1 TiB volume), and a
+    change counts the bytes it touches, not the bitmap's."""
+    import resync.bitmap as module
+
+    bm = Bitmap(1 << 40)
+    bm.set_range(5 << 30, 3 << 30)
+    counted = []
+    real = module._popcount
+    monkeypatch.setattr(module, "_popcount", lambda data: counted.append(len(data)) or real(data))
+    assert bm.count() == (3 << 30) // 4096 and bm.dirty_bytes() == 3 << 30
+    assert bm.out_of_sync_map() == [19] + [0] * 63  # 3 GiB of the first 16 GiB slice
+    assert counted == []
+    bm.set_range(700 << 30, 4096)  # one block, inside one byte: counted without _popcount
+    bm.clear_range(5 << 30, 1 << 20)  # 256 blocks: 32 bytes before, 32 after
+    assert counted == [32, 32]
+    assert bm.count() == (3 << 30) // 4096 + 1 - 256
