@@ -97,16 +97,30 @@ class Link:
 
         Returns the events the connections produced, in order.
         """
+        return self.work(self.wait(timeout))
+
+    def wait(self, timeout: float = MAX_WAIT) -> list[tuple[int, int]]:
+        """The first half of step(): poll until input, a timer or `timeout`; what poll said.
+
+        Split from work() so that a caller with its own input (LinkService's queue of
+        messages to send) can take it in between: a message handed over while the link
+        slept goes out before the receive path's turn, not after it.
+        """
         now = self.clock()
         wait = 0.0 if self._more else timeout
         for conn in self._conns.values():
             due = conn.get_timer()
             if due is not None and due - now < wait:
                 wait = max(due - now, 0.0)
-        ready = self._poll.poll(wait * 1000.0) if wait > 0 else self._poll.poll(0)
+        return self._poll.poll(wait * 1000.0) if wait > 0 else self._poll.poll(0)
+
+    def work(self, ready: list[tuple[int, int]]) -> list[tuple[Connection, Event]]:
+        """The second half of step(): the carrier, received frames, timers, sending."""
         now = self.clock()
         carrier_fd = self.carrier.fileno()
-        for fd, _ in ready:
+        socket_fd = self.socket.fileno()
+        socket_error = False
+        for fd, revents in ready:
             if fd == carrier_fd:
                 for up in self.carrier.read():
                     log.info("%s: carrier %s", self.ifname, "up" if up else "down")
@@ -115,7 +129,9 @@ class Link:
                 mtu = self.carrier.take_mtu_change()
                 if mtu is not None:
                     self._mtu_changed(mtu, now)
-        self._receive(now)
+            elif fd == socket_fd and revents & select.POLLERR:
+                socket_error = True
+        self._receive(now, socket_error)
         for conn in self._conns.values():
             due = conn.get_timer()
             if due is not None and due <= now:
@@ -140,10 +156,10 @@ class Link:
         for conn in self._conns.values():
             conn.mtu_changed(usable, now=now)
 
-    def _receive(self, now: float) -> None:
+    def _receive(self, now: float, socket_error: bool) -> None:
         conns = self._conns
         single = next(iter(conns.values())) if len(conns) == 1 else None
-        for payload, source in self.socket.recv_batch(RECV_BATCH):
+        for payload, source in self.socket.recv_batch(RECV_BATCH, socket_error):
             if single is not None:
                 single.receive_frame(payload, source, now=now)  # it checks the volume itself
                 continue

@@ -121,9 +121,13 @@ class LinkService:
         name_os_thread()
         try:
             self.link.start()
+            link = self.link
             while not self._stop:
+                ready = link.wait()
+                # What was handed over while the link slept goes out first: a write's
+                # frame leaves before this turn's receiving and bookkeeping, not after.
                 self._drain_inputs()
-                for _conn, event in self.link.step():
+                for _conn, event in link.work(ready):
                     self._on_link_event(event)
         except BaseException as exc:  # noqa: BLE001 - reported to the daemon, which stops
             self.failure = exc

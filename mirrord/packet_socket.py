@@ -783,7 +783,8 @@ class PacketSocket:
 
     # ---- receive
 
-    def recv_batch(self, max_frames: int) -> list[tuple[bytearray, bytes]]:
+    def recv_batch(self, max_frames: int, pending_error: bool = True
+                   ) -> list[tuple[bytearray, bytes]]:
         """Read up to ``max_frames`` frames that are waiting; never blocks.
 
         Returns ``[(payload, source_mac), ...]`` in arrival order: each payload
@@ -796,14 +797,17 @@ class PacketSocket:
         slot, which goes back to the kernel at once.  A frame longer than the
         slot (an MTU raised after the socket was opened) is counted in
         ``truncated`` and skipped.
+
+        When the ring is empty, one recv collects an error the kernel may have left
+        pending on the socket (ENETDOWN when the link went down), which would otherwise
+        keep poll() returning at once.  A caller that polls the socket can pass
+        ``pending_error=False`` unless poll reported POLLERR, and save that system
+        call (and the exception it raises) on every turn that finds the ring empty.
         """
         if self._rx is not None:
             frames = self._recv_ring(max_frames)
-            if frames:
+            if frames or not pending_error:
                 return frames
-            # Nothing in the ring: one recv to collect an error the kernel left pending
-            # on the socket (ENETDOWN when the link went down), which would otherwise
-            # keep poll() returning at once.
             return self._recv_each(1)
         return self._recv_each(max_frames)
 

@@ -152,6 +152,28 @@ def test_link_down_counts_drops_and_the_socket_survives(sockets):
     assert [bytes(p) for p, _ in _receive(b, 1)] == [b"back"]
 
 
+def test_an_error_left_on_the_socket_is_collected_only_when_asked(sockets):
+    """Taking B's own interface down leaves ENETDOWN pending on its socket; poll reports
+    POLLERR until a recv collects it.  recv_batch(pending_error=False), what the link's
+    loop calls when poll said nothing of an error, leaves it; the default collects it."""
+    import select
+
+    pair, a, b = sockets
+    pair.set_link(pair.ns_b, False)
+    pair.set_link(pair.ns_b, True)
+    poller = select.poll()
+    poller.register(b.fileno(), select.POLLIN)
+
+    def error_pending() -> bool:
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+
+    assert error_pending()
+    assert b.recv_batch(BATCH, pending_error=False) == []
+    assert error_pending() and b.counters["recv_errors"] == 0
+    assert b.recv_batch(BATCH) == []
+    assert b.counters["recv_errors"] == 1 and not error_pending()
+
+
 def test_missing_interface_is_reported_by_name(netns_pair):
     with netns_pair.enter(netns_pair.ns_a):
         with pytest.raises(InterfaceNotFound, match="'nosuch0'"):
