@@ -3,8 +3,8 @@
 Two `mirrord` processes on the same disk or metadata (a second start by hand next to
 the systemd unit, two resource files naming one disk) would each write their own
 bitmap and generation ids over the other's: the mirror would diverge with nothing said.
-So the daemon takes a non-blocking exclusive flock(2) on each file it writes, and a
-second one stops at startup, naming the file.  The lock belongs to the open file, so
+So the daemon takes an exclusive flock(2) on each file it writes, and a second one,
+after trying for LOCK_WAIT seconds, stops at startup, naming the file.  The lock belongs to the open file, so
 it goes away with the process however that ends (kill -9 included): no stale lock file
 to clean up after a crash.  flock is advisory: it keeps out other mirrord processes and
 `mirrorctl create-md`, not programs that ignore it.

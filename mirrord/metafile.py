@@ -88,11 +88,11 @@ class MetaStore:
         except OSError as exc:
             raise MetadataFileError(f"metadata {path}: {exc.strerror}") from None
         try:
-            try:
-                lock_exclusively(fd, path, "metadata")
-            except InUseError as exc:
-                raise MetadataFileError(str(exc.strerror)) from None
+            lock_exclusively(fd, path, "metadata")
             return cls._load(path, fd, size=size, node=node, volume_id=volume_id)
+        except InUseError as exc:
+            os.close(fd)
+            raise MetadataFileError(exc.strerror) from None
         except BaseException:
             os.close(fd)
             raise
