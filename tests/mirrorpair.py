@@ -178,6 +178,21 @@ class MirrorPair:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def random_writes(uri: str, seed: int, runtime: float = 20) -> subprocess.Popen:
+    """fio writing 16 KiB blocks at random offsets of an export, 16 in flight, for up to
+    `runtime` s; stop it with kill(), which stops the writes at once.
+
+    --thread keeps fio's job in this one process.  Forked (fio's default), the job is a
+    child in a session of its own: it outlives a kill of its parent and goes on writing,
+    so a test comparing the disks afterwards would see them change under it.
+    """
+    return subprocess.Popen(
+        ["fio", "--name=writes", "--thread", "--ioengine=nbd", f"--uri={uri}",
+         "--rw=randwrite", "--bs=16k", "--iodepth=16", "--time_based", f"--runtime={runtime}",
+         f"--randseed={seed}", "--output=/dev/null"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def in_sync(status: dict) -> bool:
     """A node's status says: connected, both disks up to date."""
     return (status["connection"] == "connected" and status["disk"] == "up-to-date"
