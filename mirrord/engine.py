@@ -59,6 +59,11 @@ log = logging.getLogger(__name__)
 # Largest piece of one client write sent as one message (the link's max_message is
 # 8 MiB; larger NBD writes are split).
 MAX_WRITE_PIECE = 4 << 20
+# Writes up to this size are sent by the writing thread itself when the link thread is
+# idle (LinkService.send_now): a few frames, on a small write's critical path.  Larger
+# ones are left to the link thread, which builds their frames while this thread writes
+# the local copy.
+SEND_NOW_MAX = 64 << 10
 # Bytes sent to the peer and not yet applied there (no REPLY yet): bounds how far the
 # secondary may fall behind under protocols A and B, and the memory both sides use.
 MAX_UNREPLIED = 64 << 20
@@ -279,8 +284,11 @@ class Engine(SyncMixin, FenceMixin):
         completion = Completion(done)
         with self._lock:
             self._wait_unfrozen()
-            if self.replicating:
+            replicated = self.replicating
+            if replicated:
                 self._send_request(MessageType.FLUSH, 0, completion, encode_flush)
+        if replicated:
+            self.service.send_now()
         self._finish_local(completion, None, durable=True)
 
     def _replicate(self, done, nbytes: int, durable: bool, offset: int, span: int, encode,
@@ -307,6 +315,8 @@ class Engine(SyncMixin, FenceMixin):
                 else:
                     self._note_peer_behind()
                     self.bitmap.set_range(offset, span)
+            if replicated and nbytes <= SEND_NOW_MAX:
+                self.service.send_now()  # the round trip to the peer starts before our write
             self._finish_local(completion, apply_local, durable)
             if not replicated:
                 with self._lock:
@@ -695,8 +705,10 @@ class Engine(SyncMixin, FenceMixin):
 
     def reply(self, session: int, ident: int, error: int) -> None:
         with self._lock:
-            if session == self.session:
-                self.service.submit(encode_reply(ident, error), session)
+            if session != self.session:
+                return
+            self.service.submit(encode_reply(ident, error), session)
+        self.service.send_now()  # the primary's write waits for this: no link wake-up
 
     # --- state for the peer and the operator ------------------------------------------
 

@@ -106,12 +106,23 @@ class Link:
         messages to send) can take it in between: a message handed over while the link
         slept goes out before the receive path's turn, not after it.
         """
+        return self.poll(self.wait_time(timeout))
+
+    def wait_time(self, timeout: float = MAX_WAIT) -> float:
+        """How long the next poll may sleep: `timeout`, less when a connection's timer is
+        due sooner, 0 while a connection has more to send.  It reads the connections:
+        a caller that shares them with other threads holds its lock for this, and not
+        for poll()."""
         now = self.clock()
         wait = 0.0 if self._more else timeout
         for conn in self._conns.values():
             due = conn.get_timer()
             if due is not None and due - now < wait:
                 wait = max(due - now, 0.0)
+        return wait
+
+    def poll(self, wait: float) -> list[tuple[int, int]]:
+        """Sleep up to `wait` seconds for input on the socket, the carrier or a watched fd."""
         return self._poll.poll(wait * 1000.0) if wait > 0 else self._poll.poll(0)
 
     def work(self, ready: list[tuple[int, int]]) -> list[tuple[Connection, Event]]:

@@ -8,6 +8,14 @@ passed to one handler, called in this thread: it must not block for long.
 Memory is bounded: submit() callers first wait in wait_for_room() until the bytes queued
 and not yet acknowledged by the peer's link layer are under a limit, so a fast writer
 cannot queue more than that ahead of a slow link.
+
+A thread that has just submitted a small message that someone waits for (a write at
+queue depth 1, a REPLY) may call send_now() to send it itself when the link thread is
+asleep in poll, instead of waiting for the link thread to wake up and send it: that
+wake-up (15-40 us on an idle vCPU) and a turn of the link loop come off the write's
+round trip.  Whoever works the link holds `_turn`: the link thread for each turn of its
+loop (never while it sleeps in poll), send_now for its drain.  The queue is drained in
+order by whoever holds it, so messages keep the order of their submit() calls.
 """
 
 from __future__ import annotations
@@ -52,6 +60,10 @@ class LinkService:
         # something to read: a read that fails with EAGAIN costs a system call and an
         # exception, and it happened on every loop turn.
         self._woken = False
+        # Held by the thread that works the link and its Connection: the link thread for
+        # each loop turn (not while it polls), or send_now().  Lock order: _turn before
+        # _lock; the engine's locks are never held by a caller of send_now.
+        self._turn = threading.Lock()
         self._thread: threading.Thread | None = None
         self.failure: BaseException | None = None
 
@@ -67,8 +79,14 @@ class LinkService:
             self._poke_locked()
         if self._thread is not None:
             self._thread.join(timeout)
-        self.link.close()
-        os.close(self._wake)
+        # Not under a send_now() in another thread (it sees _stop and does nothing after).
+        taken = self._turn.acquire(timeout=timeout)
+        try:
+            self.link.close()
+            os.close(self._wake)
+        finally:
+            if taken:
+                self._turn.release()
 
     def submit(self, data, session: int, on_acked: Callable[[bool], None] | None = None) -> None:
         """Send `data` as one message on session `session` (dropped if that session ended).
@@ -87,6 +105,27 @@ class LinkService:
             self._unacked += size
             self._queue.append((data, size, session, on_acked))
             self._poke_locked()
+
+    def send_now(self) -> None:
+        """Send what submit() queued, from this thread, if the link thread is asleep in
+        poll; otherwise do nothing (the link thread, which submit() woke, sends it).
+
+        For a thread that just submitted a small message someone waits for.  It must hold
+        none of the engine's locks: the drain may run on_acked callbacks, which take them.
+        The link thread still wakes (submit() poked it) and plans its timers anew: the
+        frames sent here start retransmission timers its sleep did not know of.
+        """
+        if not self._turn.acquire(blocking=False):
+            return  # the link thread is in a turn: it drains the queue itself
+        try:
+            if not self._stop:
+                self._drain_inputs(in_link_thread=False)
+        except BaseException as exc:  # noqa: BLE001 - the same as a failure of the loop
+            self.failure = exc
+            log.exception("sending from %s failed", threading.current_thread().name)
+            self._release_all()
+        finally:
+            self._turn.release()
 
     def call_soon(self, func: Callable[[], None]) -> None:
         """Run `func()` in the link thread (to touch the Connection safely)."""
@@ -122,21 +161,33 @@ class LinkService:
         try:
             self.link.start()
             link = self.link
+            turn = self._turn
             while not self._stop:
-                ready = link.wait()
-                # What was handed over while the link slept goes out first: a write's
-                # frame leaves before this turn's receiving and bookkeeping, not after.
-                self._drain_inputs()
-                for _conn, event in link.work(ready):
-                    self._on_link_event(event)
+                with turn:
+                    wait = link.wait_time()
+                ready = link.poll(wait)
+                with turn:
+                    # What was handed over while the link slept goes out first: a write's
+                    # frame leaves before this turn's receiving and bookkeeping, not after.
+                    self._drain_inputs()
+                    for _conn, event in link.work(ready):
+                        self._on_link_event(event)
         except BaseException as exc:  # noqa: BLE001 - reported to the daemon, which stops
             self.failure = exc
             log.exception("link thread failed")
             self._release_all()
 
-    def _drain_inputs(self) -> None:
+    def _drain_inputs(self, in_link_thread: bool = True) -> None:
+        """Under _turn: run the calls handed over and send the messages queued.
+
+        From send_now (not `in_link_thread`), the wake-up is left pending, so the link
+        thread still wakes and plans its timers anew; and calls, which are for the link
+        thread, stay queued for it, with the messages after them (their order is kept).
+        """
         with self._lock:
-            if self._woken:
+            if not in_link_thread and self._calls:
+                return
+            if self._woken and in_link_thread:
                 self._woken = False
                 try:
                     os.eventfd_read(self._wake)
