@@ -156,6 +156,39 @@ def test_resyncs_beside_a_write_stream_end_with_identical_disks(mirror_pair):
         assert_identical(pair)
 
 
+def test_checksum_resync_and_verify_beside_a_write_stream(mirror_pair):
+    """Digests are taken on one box and compared on the other while a client writes to
+    the same regions: a checksum resync (`invalidate`) under writes ends with identical
+    disks, and an online verify under writes finds no difference where there is none."""
+    pair = started_pair(mirror_pair, size=32 * MiB)
+    for round_no in range(2):
+        fio = random_writes(pair.uri("alpha"), seed=500 + round_no)
+        try:
+            time.sleep(0.3)
+            pair.ctl("beta", "invalidate")
+            pair.wait("alpha", lambda s: s["connection"] == "sync-source", 10, "resync starts")
+            time.sleep(0.5)  # writes go on beside the digests and the copies
+        finally:
+            fio.kill()
+            fio.wait(10)
+        pair.wait_connected(timeout=60)
+        assert_identical(pair)
+    fio = random_writes(pair.uri("alpha"), seed=510)
+    try:
+        time.sleep(0.3)
+        pair.ctl("alpha", "verify")
+        # `verify` answers once the run is set up: the first status without one has
+        # this run's result.
+        done = pair.wait("alpha", lambda s: s["verify"] is None, 60, "verify done")
+    finally:
+        fio.kill()
+        fio.wait(10)
+    assert done["last_verify"]["completed"], done["last_verify"]
+    assert done["last_verify"]["differing_blocks"] == 0, done["last_verify"]
+    pair.wait_connected(timeout=60)
+    assert_identical(pair)
+
+
 def test_split_brain_is_detected_and_resolved_by_discarding_one_side(mirror_pair, tmp_path):
     pair = started_pair(mirror_pair, size=32 * MiB)
     cut(pair)
