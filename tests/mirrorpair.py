@@ -178,8 +178,8 @@ class MirrorPair:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def random_writes(uri: str, seed: int, runtime: float = 20) -> subprocess.Popen:
-    """fio writing 16 KiB blocks at random offsets of an export, 16 in flight, for up to
+def random_writes(uri: str, seed: int, runtime: float = 20, bs: str = "16k") -> subprocess.Popen:
+    """fio writing `bs` blocks at random offsets of an export, 16 in flight, for up to
     `runtime` s; stop it with kill(), which stops the writes at once.
 
     --thread keeps fio's job in this one process.  Forked (fio's default), the job is a
@@ -188,7 +188,7 @@ def random_writes(uri: str, seed: int, runtime: float = 20) -> subprocess.Popen:
     """
     return subprocess.Popen(
         ["fio", "--name=writes", "--thread", "--ioengine=nbd", f"--uri={uri}",
-         "--rw=randwrite", "--bs=16k", "--iodepth=16", "--time_based", f"--runtime={runtime}",
+         "--rw=randwrite", f"--bs={bs}", "--iodepth=16", "--time_based", f"--runtime={runtime}",
          f"--randseed={seed}", "--output=/dev/null"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
