@@ -62,7 +62,8 @@ class LinkService:
         self._woken = False
         # Held by the thread that works the link and its Connection: the link thread for
         # each loop turn (not while it polls), or send_now().  Lock order: _turn before
-        # _lock; the engine's locks are never held by a caller of send_now.
+        # _lock, and before the engine's _lock (taken by event handlers and callbacks),
+        # which a caller of send_now therefore must not hold.
         self._turn = threading.Lock()
         self._thread: threading.Thread | None = None
         self.failure: BaseException | None = None
@@ -110,8 +111,9 @@ class LinkService:
         """Send what submit() queued, from this thread, if the link thread is asleep in
         poll; otherwise do nothing (the link thread, which submit() woke, sends it).
 
-        For a thread that just submitted a small message someone waits for.  It must hold
-        none of the engine's locks: the drain may run on_acked callbacks, which take them.
+        For a thread that just submitted a small message someone waits for.  It must not
+        hold the engine's _lock: the drain may run on_acked callbacks, which take it (its
+        write-order lock is fine: nothing the link thread runs takes that one).
         The link thread still wakes (submit() poked it) and plans its timers anew: the
         frames sent here start retransmission timers its sleep did not know of.
         """
