@@ -48,6 +48,9 @@ LISTEN_BACKLOG = 16  # pending connections: a few operators and the cluster agen
 SOCKET_MODE = 0o600  # connect() needs write permission: root only
 STALE_PROBE_TIMEOUT = 1.0  # how long start() waits to learn whether an old socket is live
 JOIN_TIMEOUT = 1.0  # close() waits this long for the accept thread to finish
+# close() lets a request in progress send its reply for this long: above all `mirrorctl
+# down`'s own, whose handler starts the stop that closes the server.
+REPLY_GRACE = 2.0
 ACCEPT_RETRY_DELAY = 0.1  # after accept() fails (EMFILE...), before trying again
 DEFAULT_TIMEOUT = 10.0  # client: connect and wait for each reply at most this long
 USAGE_HINT = 'send one JSON object per line, e.g. {"command": "status"}'
@@ -126,8 +129,11 @@ class ControlServer:
         self._sock: socket.socket | None = None
         self._inode: tuple[int, int] | None = None  # the socket file we made (dev, ino)
         self._closed = False
-        self._lock = threading.Lock()  # guards _conns and _closed
+        self._lock = threading.Lock()  # guards _conns, _busy and _closed
         self._conns: set[socket.socket] = set()  # open client connections, closed by close()
+        # connections with a request in progress, and the thread serving each
+        self._busy: dict[socket.socket, threading.Thread] = {}
+        self._replied = threading.Condition(self._lock)  # a busy connection became idle
         self._thread: threading.Thread | None = None  # the accept loop
 
     def __enter__(self) -> ControlServer:
@@ -167,12 +173,17 @@ class ControlServer:
         log.debug("control socket listening at %s", self.path)
 
     def close(self) -> None:
-        """Stop serving, drop the connections, remove the socket file.  Idempotent."""
+        """Stop serving, drop the connections, remove the socket file.  Idempotent.
+
+        A request in progress may send its reply first (for REPLY_GRACE at most): the
+        client of `mirrorctl down` learns that the stop it asked for has begun, rather
+        than that the connection was cut."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             conns, self._conns = list(self._conns), set()
+            idle = [conn for conn in conns if conn not in self._busy]
         sock = self._sock
         if sock is not None:
             try:
@@ -180,8 +191,15 @@ class ControlServer:
             except OSError:
                 pass
             sock.close()
-        for conn in conns:
+        for conn in idle:
             _shutdown(conn)  # wakes each connection's readline(); its thread closes it
+        me = threading.current_thread()
+        with self._lock:  # a busy connection's thread closes it once it has replied
+            self._replied.wait_for(
+                lambda: all(thread is me for thread in self._busy.values()), REPLY_GRACE)
+            late = [conn for conn in conns if conn in self._busy]
+        for conn in late:
+            _shutdown(conn)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(JOIN_TIMEOUT)
         # Remove the file only if it is still ours, not a successor daemon's.
@@ -251,9 +269,21 @@ class ControlServer:
                     return
                 if not line.strip():
                     continue  # blank lines are harmless: `echo` and `socat` send them
-                for response in self._responses(line):
-                    if not self._send(conn, response):
-                        return
+                with self._lock:
+                    if self._closed:
+                        return  # closing: no new request
+                    self._busy[conn] = threading.current_thread()
+                try:
+                    # all() stops at the first send that fails: the client is gone
+                    answered = all(self._send(conn, response)
+                                   for response in self._responses(line))
+                finally:
+                    with self._lock:
+                        del self._busy[conn]
+                        closing = self._closed
+                        self._replied.notify_all()
+                if closing or not answered:
+                    return
         except OSError:
             return  # reset by the client, or close() shut it down
         finally:

@@ -181,7 +181,20 @@ class PacemakerMirror(ClusterMirror):
         if not self.c.is_up(node):
             return "(node down)"
         proc = self.c.run(node, ["/usr/bin/tail", "-n", "60", DAEMON_LOG], check=False)
-        return proc.stdout + proc.stderr
+        return proc.stdout + proc.stderr + "\n--- its agent's actions (pacemaker.log) ---\n" \
+            + self.agent_log(node)
+
+    def agent_log(self, node: str, lines: int = 40) -> str:
+        """The last lines of pacemaker.log about the agent: what it said and each action's
+        result, which says why Pacemaker recovered or moved the resource."""
+        try:
+            text = self.pacemaker_log(node)
+        except OSError as err:
+            return f"(pacemaker.log: {err})"
+        about = [line for line in text.splitlines()
+                 if "mirrord(" in line or "ocf-exit-reason" in line
+                 or ("Result of" in line and PRIMITIVE in line)]
+        return "\n".join(about[-lines:])
 
     def score(self, node: str) -> str:
         proc = self.c.run(node, [CRM_ATTRIBUTE, f"--promotion={PRIMITIVE}", "--node", node,
@@ -194,9 +207,15 @@ class PacemakerMirror(ClusterMirror):
             return f.read()
 
     def maintenance(self, on: bool) -> None:
-        self.c.run(self.c.nodes[0], [CRM_RESOURCE, "--resource", CLONE, "--meta",
-                                     "--set-parameter", "maintenance", "--parameter-value",
-                                     "true" if on else "false"])
+        """The clone's maintenance flag, then `crm_resource --wait` as the README does:
+        the CIB changes at once, but a monitor already running or due before the
+        controller cancels it still reports.  One that saw the forced primary would be
+        taken for a promotion once the flag is off (and recovered by a restart)."""
+        node = self.c.nodes[0]
+        self.c.run(node, [CRM_RESOURCE, "--resource", CLONE, "--meta", "--set-parameter",
+                          "maintenance", "--parameter-value", "true" if on else "false"])
+        self.c.run(node, [CRM_RESOURCE, "--wait", f"--timeout={SETTLE_S:g}s"],
+                   timeout=SETTLE_S + 10)
 
     def fence_constraint(self, node: str) -> bool:
         """Whether node's CIB holds the fence handler's constraint."""

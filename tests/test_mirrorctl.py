@@ -428,6 +428,58 @@ def test_close_drops_idle_clients(sockdir):
     s.close()
 
 
+def test_a_request_that_starts_the_stop_still_gets_its_reply(sockdir):
+    """`mirrorctl down`: its handler starts the stop, and the stopping daemon closes the
+    server while the handler has not yet returned; the reply still reaches the client."""
+    path = os.path.join(sockdir, "r0.ctl")
+    stopping = threading.Event()
+
+    def handle(request):
+        stopping.set()
+        time.sleep(0.3)  # the stop is well under way before the reply is ready
+        return {"ok": True, "message": "r0 on alpha: stopping"}
+
+    server = ControlServer(path, handle)
+    server.start()
+    closer = threading.Thread(target=lambda: stopping.wait(10) and server.close())
+    closer.start()
+    try:
+        with ControlClient(path, timeout=10) as client:
+            assert client.call("down")["message"] == "r0 on alpha: stopping"
+    finally:
+        closer.join(10)
+        server.close()
+    assert not os.path.exists(path)
+
+
+def test_close_cuts_a_request_that_outlasts_the_grace(sockdir, monkeypatch):
+    import mirrord.control as control
+
+    monkeypatch.setattr(control, "REPLY_GRACE", 0.2)
+    path = os.path.join(sockdir, "r0.ctl")
+    release = threading.Event()
+    started = threading.Event()
+
+    def handle(request):
+        started.set()
+        release.wait(10)
+        return {"ok": True}
+
+    server = ControlServer(path, handle)
+    server.start()
+    s, reader = raw(path)
+    try:
+        s.sendall(b'{"command": "stuck"}\n')
+        assert started.wait(10)
+        t0 = time.monotonic()
+        server.close()
+        assert time.monotonic() - t0 < 5
+        assert reader.readline() == b""  # cut, not answered
+    finally:
+        release.set()
+        s.close()
+
+
 def test_client_unavailable_names_the_socket(sockdir):
     path = os.path.join(sockdir, "absent.ctl")
     with pytest.raises(ControlUnavailable) as info:
