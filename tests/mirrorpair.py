@@ -165,6 +165,10 @@ class MirrorPair:
     def disks_equal(self) -> bool:
         return files_equal(self.disk("alpha"), self.disk("beta"))
 
+    def random_writes(self, node: str, seed: int, **kw) -> subprocess.Popen:
+        """random_writes() into `node`'s export, returning once they reach its disk."""
+        return random_writes(self.uri(node), seed, disk=self.disk(node), **kw)
+
     def close(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
@@ -178,19 +182,44 @@ class MirrorPair:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def random_writes(uri: str, seed: int, runtime: float = 20, bs: str = "16k") -> subprocess.Popen:
+def random_writes(uri: str, seed: int, runtime: float = 20, bs: str = "16k",
+                  disk: str | None = None) -> subprocess.Popen:
     """fio writing `bs` blocks at random offsets of an export, 16 in flight, for up to
-    `runtime` s; stop it with kill(), which stops the writes at once.
+    `runtime` s; stop it with kill(), which stops the writes at once.  `bs` is fio's
+    bssplit: one size ("16k") or a mix ("16k/50:1m/50").
+
+    With `disk` (the primary's backing file), returns once the writes reach it: fio
+    takes a while to start on a busy machine, and a test that crashes a box "under
+    writes" after a fixed delay could otherwise crash it before the first write.
 
     --thread keeps fio's job in this one process.  Forked (fio's default), the job is a
     child in a session of its own: it outlives a kill of its parent and goes on writing,
     so a test comparing the disks afterwards would see them change under it.
     """
-    return subprocess.Popen(
+    before = os.stat(disk).st_mtime_ns if disk is not None else None
+    fio = subprocess.Popen(
         ["fio", "--name=writes", "--thread", "--ioengine=nbd", f"--uri={uri}",
-         "--rw=randwrite", f"--bs={bs}", "--iodepth=16", "--time_based", f"--runtime={runtime}",
-         f"--randseed={seed}", "--output=/dev/null"],
+         "--rw=randwrite", f"--bssplit={bs}", "--iodepth=16", "--time_based",
+         f"--runtime={runtime}", f"--randseed={seed}", "--output=/dev/null"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if disk is not None:
+        try:
+            _wait_for_change(fio, disk, before, timeout=30)
+        except BaseException:
+            fio.kill()
+            fio.wait(10)
+            raise
+    return fio
+
+
+def _wait_for_change(fio: subprocess.Popen, disk: str, before: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while os.stat(disk).st_mtime_ns == before:
+        if fio.poll() is not None:
+            raise AssertionError(f"fio exited ({fio.returncode}) before writing to {disk}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no write reached {disk} within {timeout:g} s")
+        time.sleep(0.01)
 
 
 def in_sync(status: dict) -> bool:

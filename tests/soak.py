@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 
-from mirrorpair import MirrorPair, first_difference, in_sync, random_writes
+from mirrorpair import MirrorPair, first_difference, in_sync
 from netns import NetnsPair
 
 MiB = 1 << 20
@@ -62,14 +62,14 @@ def one_round(pair, scenario: str, rng: random.Random, seed: int) -> str:
     """Run one round; returns a note for its line."""
     net, note = pair.net, ""
     if scenario == "primary":
-        fio = random_writes(pair.uri("alpha"), seed)
+        fio = pair.random_writes("alpha", seed)
         time.sleep(0.2 + rng.random())
         pair.kill("alpha")
         stop(fio)
         pair.start("alpha")
         pair.promote("alpha")
     elif scenario == "secondary":
-        fio = random_writes(pair.uri("alpha"), seed)
+        fio = pair.random_writes("alpha", seed)
         time.sleep(0.2 + rng.random())
         pair.kill("beta")
         time.sleep(rng.random())
@@ -77,7 +77,7 @@ def one_round(pair, scenario: str, rng: random.Random, seed: int) -> str:
         time.sleep(rng.random() * 1.5)  # writes go on during beta's resync
         stop(fio)
     elif scenario == "both":
-        fio = random_writes(pair.uri("alpha"), seed)
+        fio = pair.random_writes("alpha", seed)
         time.sleep(0.2 + rng.random())
         for node in ("alpha", "beta"):
             pair.procs[node].send_signal(signal.SIGKILL)
@@ -88,7 +88,7 @@ def one_round(pair, scenario: str, rng: random.Random, seed: int) -> str:
             pair.start(node)
         pair.promote("alpha")
     elif scenario == "flap":
-        fio = random_writes(pair.uri("alpha"), seed)
+        fio = pair.random_writes("alpha", seed)
         for _ in range(rng.randrange(1, 4)):
             time.sleep(rng.random() * 0.8)
             net.set_link(pair.ns["alpha"], False)
@@ -98,13 +98,13 @@ def one_round(pair, scenario: str, rng: random.Random, seed: int) -> str:
         stop(fio)
     elif scenario == "sync-kill":
         net.set_link(pair.ns["alpha"], False)
-        fio = random_writes(pair.uri("alpha"), seed, bs="256k")  # much to resync
+        fio = pair.random_writes("alpha", seed, bs="256k")  # much to resync
         time.sleep(1.0 + rng.random())
         stop(fio)
         net.set_link(pair.ns["alpha"], True)
         victim = rng.choice(["alpha", "beta"])
         time.sleep(0.05 + rng.random() * 0.4)
-        fio = random_writes(pair.uri("alpha"), seed + 1)
+        fio = pair.random_writes("alpha", seed + 1)
         time.sleep(rng.random() * 0.2)
         pair.kill(victim)
         stop(fio)
@@ -113,13 +113,13 @@ def one_round(pair, scenario: str, rng: random.Random, seed: int) -> str:
             pair.promote("alpha")
         note = f"killed {victim}"
     elif scenario == "invalidate":
-        fio = random_writes(pair.uri("alpha"), seed)
+        fio = pair.random_writes("alpha", seed)
         time.sleep(0.1 + rng.random() * 0.5)
         pair.ctl("beta", "invalidate")
         time.sleep(rng.random() * 2.0)  # a checksum resync under writes
         stop(fio)
     else:  # verify
-        fio = random_writes(pair.uri("alpha"), seed)
+        fio = pair.random_writes("alpha", seed)
         time.sleep(0.1 + rng.random() * 0.3)
         pair.ctl("alpha", "verify")
         # `verify` answers once the run is set up: the first status without one has
