@@ -4,7 +4,7 @@ One run, one pair of network namespaces joined by veth at MTU 9000, every file o
 /dev/shm (tmpfs), the volume 4 GiB by default:
 1. **full sync**: alpha's disk full of non-zero data (a 1 MiB random chunk repeated,
    each 4 KiB block stamped with its own offset so that no two blocks are equal), beta's
-   fresh (zeros, allocated in full), both daemons started, then `primary --force` on
+   fresh (written with zeros beforehand), both daemons started, then `primary --force` on
    alpha: the time until both disks are up to date and nothing is out of sync. A first
    sync is a checksum resync, which here soon copies outright: once nearly every block
    compared differs, only one chunk in 16 is compared first (mirrord/sync_source.py).
@@ -18,8 +18,9 @@ One run, one pair of network namespaces joined by veth at MTU 9000, every file o
 4. **nbdcopy** (baseline for 1): the daemons stopped and beta's disk deleted, the veth
    ends get 10.213.0.1/24 (alpha) and .2 (beta); `nbdkit -r file` serves alpha's disk on
    TCP in namespace alpha and `nbdcopy --flush nbd://10.213.0.1:PORT copy.img` runs in
-   namespace beta, into a preallocated file: nbdcopy's defaults (4 connections, since
-   nbdkit file offers multi-conn), then `--connections=1` (one stream, as mirrord's).
+   namespace beta, into a file written with zeros beforehand: nbdcopy's defaults
+   (4 connections, since nbdkit file offers multi-conn), then `--connections=1` (one
+   stream, as mirrord's).
 5. **rsync** (baseline for 2): the copy from 4 is beta's stale copy; alpha's disk gets
    another 1% of random 4 KiB writes (straight into the file); an `rsync --daemon` in
    namespace alpha serves it read-only and namespace beta pulls it:
