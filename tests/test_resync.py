@@ -93,9 +93,9 @@ def test_link_cut_half_way_through_a_resync_resumes(mirror_pair, tmp_path):
     assert_identical(pair)
 
 
-# Half small writes (up to SEND_NOW_MAX: often sent by the writing thread before its local write)
-# and half 1 MiB ones (sent by the link thread while the local write runs, a window of
-# milliseconds): a crash meets both paths.
+# Half small writes (up to SEND_NOW_MAX: often sent by the writing thread itself, before
+# its local write) and half 1 MiB ones (framed by the link thread while the local write
+# runs): a crash meets both send paths.
 CRASH_WRITES = "16k/50:1m/50"
 
 
