@@ -28,6 +28,7 @@ pcs resource create mirrord-r0 ocf:mirrord:mirrord \
 # The first promotion of a fresh pair is an operator's decision (both disks start
 # inconsistent and are never promoted by the cluster): with the clone in maintenance,
 #   pcs resource meta mirrord-r0-clone maintenance=true
+#   crm_resource --wait                                         # until the monitors are stopped
 #   mirrorctl --config /etc/mirrord/r0.toml primary --force    # on the box whose data counts
 #   mirrorctl --config /etc/mirrord/r0.toml status             # wait: both up-to-date
 #   mirrorctl --config /etc/mirrord/r0.toml secondary
