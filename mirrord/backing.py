@@ -89,15 +89,17 @@ class BackingStore:
 
     def write(self, offset: int, parts) -> None:
         """Write the buffers in `parts` contiguously at `offset` (one pwritev)."""
-        total = sum(len(p) for p in parts)
-        remaining, pos = parts, offset
+        total = sum(map(len, parts))
+        remaining, pos, left = parts, offset, total
         try:
-            while remaining:
+            while left:
                 n = os.pwritev(self.fd, remaining, pos)
                 if n == 0:
                     raise OSError(errno.EIO, "wrote nothing")
                 pos += n
-                remaining = _skip(remaining, n)
+                left -= n
+                if left:  # a short write (rare): only then cut the written bytes off
+                    remaining = _skip(remaining, n)
         except OSError as exc:
             raise self._fail(f"write of {total} bytes", pos, exc) from None
 
