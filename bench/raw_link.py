@@ -16,6 +16,8 @@ Reported per MTU:
   send_cpu_us_per_frame               -- its CPU time (user + system) per
                                          frame: less sensitive than wall time
                                          to other load on a shared machine
+  recv_cpu_us_per_frame               -- the receiver's CPU time per frame
+                                         received (bench/floor.py adds the two)
   delivered_mb_s                      -- payload bytes the receiver got, over
                                          its first-to-last-frame time
   loss                                -- frames sent but not received (the
@@ -34,6 +36,11 @@ kernel, all against the same raw receiver:
   psend    -- ``PacketSocket.send(payload, dst)`` per frame (its Python included)
   ring     -- ``PacketSocket.send_batch`` of RING_BATCH frames through the
               PACKET_TX_RING (copy into slots + one kick per batch)
+
+``measure_raw(..., receive="ring")`` swaps the raw receiver for the daemon's own receive
+path (PacketSocket.recv_batch off its RX ring, a poll only when the ring is empty);
+with ``mode="ring"`` too it is the cheapest way this code base moves frames, with no
+protocol on them (bench/floor.py).
 
     python3 bench/raw_link.py                  # MTU 1500 and 9000, 2 s each
     python3 bench/raw_link.py --frames 200000 --mtu 9000
@@ -89,6 +96,7 @@ PROCESS_TIMEOUT_S = MAX_SECONDS + 30.0
 # Sender variants (see the module docstring) and the batch send_batch gets:
 # the link loop's SEND_BATCH.
 SEND_MODES = ("send", "sendmsg", "psend", "ring")
+RECEIVERS = ("recv", "ring")  # --role names of the receiver variants
 RING_BATCH = 64
 
 
@@ -107,6 +115,12 @@ def load_netns():
 # ---- the two role processes (run inside the namespaces) --------------------
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds this process has used so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _role_recv(ifname: str, limit_s: float) -> dict:
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
@@ -116,6 +130,7 @@ def _role_recv(ifname: str, limit_s: float) -> dict:
     print(json.dumps({"ready": True}), flush=True)
     frames = payload_bytes = 0
     first = last = 0.0
+    cpu_start = _cpu_seconds()  # waiting blocked for the first frame costs nothing
     deadline = time.monotonic() + limit_s
     sock.settimeout(min(limit_s, 5.0))
     # Wait for the first frame (bounded by the deadline).
@@ -147,8 +162,58 @@ def _role_recv(ifname: str, limit_s: float) -> dict:
     # receive buffer) since the last read; reading resets them.
     _, drops = struct.unpack("II", sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
     return {"frames": frames, "payload_bytes": payload_bytes,
-            "seconds": max(last - first, 1e-9), "ended_by_marker": ended,
+            "seconds": max(last - first, 1e-9), "cpu_seconds": _cpu_seconds() - cpu_start,
+            "ended_by_marker": ended,
             "timeout": timed_out, "socket_drops": drops}
+
+
+def _role_recv_ring(ifname: str, limit_s: float) -> dict:
+    """The receiver with the daemon's own receive path: PacketSocket.recv_batch off its
+    RX ring (one copy of each payload out of the ring, no system call per frame), and a
+    poll only when the ring is empty.  The cheapest receiver this code base has."""
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    from mirrord.packet_socket import PacketSocket
+
+    psock = PacketSocket(ifname, ETHERTYPE, tx_ring=False)
+    if not psock.rx_ring:
+        raise RuntimeError("PACKET_RX_RING unavailable")
+    poller = select.poll()
+    poller.register(psock.fileno(), select.POLLIN)
+    recv_batch = psock.recv_batch
+    print(json.dumps({"ready": True}), flush=True)
+    frames = payload_bytes = 0
+    first = last = None
+    cpu_start = _cpu_seconds()
+    deadline = time.monotonic() + limit_s
+    ended = timed_out = False
+    while not ended:
+        batch = recv_batch(RING_BATCH * 4, False)
+        if not batch:
+            if time.monotonic() > deadline:
+                timed_out = True
+                break
+            wait_ms = int((RECV_IDLE_S if first is not None else min(limit_s, 5.0)) * 1000)
+            if not poller.poll(wait_ms) and first is not None:
+                break  # idle after the stream: the end markers were lost
+            continue
+        if first is None:
+            first = time.perf_counter()
+        for payload, _ in batch:
+            if payload[0] == KIND_END:
+                ended = True
+                break
+            frames += 1
+            payload_bytes += len(payload)
+        last = time.perf_counter()
+    cpu = _cpu_seconds() - cpu_start
+    psock.close()
+    if first is None:
+        return {"frames": 0, "payload_bytes": 0, "seconds": 0.0, "cpu_seconds": cpu,
+                "timeout": True}
+    return {"frames": frames, "payload_bytes": payload_bytes,
+            "seconds": max(last - first, 1e-9), "cpu_seconds": cpu,
+            "ended_by_marker": ended, "timeout": timed_out}
 
 
 def _role_send(ifname: str, dst: bytes, mtu: int, frames: int | None, seconds: float | None,
@@ -216,7 +281,7 @@ def _role_send(ifname: str, dst: bytes, mtu: int, frames: int | None, seconds: f
     else:
         raise ValueError(f"unknown send mode {mode!r}")
     sent = attempted = 0
-    cpu_start = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_start = _cpu_seconds()
     start = time.perf_counter()
     if frames is not None:
         sent = step(frames)
@@ -229,8 +294,7 @@ def _role_send(ifname: str, dst: bytes, mtu: int, frames: int | None, seconds: f
             if time.perf_counter() >= stop:
                 break
     elapsed = time.perf_counter() - start
-    cpu_end = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (cpu_end.ru_utime - cpu_start.ru_utime) + (cpu_end.ru_stime - cpu_start.ru_stime)
+    cpu = _cpu_seconds() - cpu_start
     counters = dict(psock.counters) if psock is not None else None
     if psock is not None:
         psock.close()
@@ -263,7 +327,7 @@ def _json_line(proc: subprocess.Popen, timeout: float) -> dict:
 
 
 def measure_raw(mtu: int, seconds_or_frames: float | int = 2.0, *, pair=None,
-                mode: str = "send", pin: bool = False) -> dict:
+                mode: str = "send", pin: bool = False, receive: str = "recv") -> dict:
     """Raw AF_PACKET throughput between two namespaces at ``mtu``.
 
     ``seconds_or_frames``: an ``int`` is a frame count, a ``float`` a duration
@@ -276,7 +340,11 @@ def measure_raw(mtu: int, seconds_or_frames: float | int = 2.0, *, pair=None,
     percent between rounds instead of +-25% on a shared 2-CPU VM, but the
     receiver is slower (every frame is copied across CPUs), so loss is
     higher; "delivered" is only comparable between runs pinned alike.
+    ``receive`` is "recv" (the raw baseline: one ``recv_into`` per frame) or "ring"
+    (PacketSocket's RX ring, as the daemon receives).
     """
+    if receive not in RECEIVERS:
+        raise ValueError(f"receive must be one of {RECEIVERS}")
     if mode not in SEND_MODES:
         raise ValueError(f"mode must be one of {SEND_MODES}")
     if isinstance(seconds_or_frames, bool) or not isinstance(seconds_or_frames, (int, float)):
@@ -300,7 +368,7 @@ def measure_raw(mtu: int, seconds_or_frames: float | int = 2.0, *, pair=None,
         me = [sys.executable, os.path.abspath(__file__)]
         pins = ([["--cpu", "1"], ["--cpu", "0"]] if pin and (os.cpu_count() or 1) >= 2
                 else [[], []])
-        receiver = pair.popen(pair.ns_b, me + ["--role", "recv", "--ifname", pair.if_b,
+        receiver = pair.popen(pair.ns_b, me + ["--role", receive, "--ifname", pair.if_b,
                                                 "--limit", repr(limit + RECV_MARGIN_S)] + pins[0],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _json_line(receiver, 10.0)  # {"ready": true}
@@ -318,6 +386,7 @@ def measure_raw(mtu: int, seconds_or_frames: float | int = 2.0, *, pair=None,
     return {
         "mtu": mtu,
         "mode": mode,
+        "receive": receive,
         "frames_sent": sent["frames"],
         "send_errors": sent["errors"],
         "sender_seconds": round(sent["seconds"], 4),
@@ -327,6 +396,7 @@ def measure_raw(mtu: int, seconds_or_frames: float | int = 2.0, *, pair=None,
         "send_cpu_us_per_frame": round(sent["cpu_seconds"] / max(sent["frames"], 1) * 1e6, 3),
         "frames_delivered": got["frames"],
         "delivered_mb_s": round(got["payload_bytes"] / got["seconds"] / 1e6, 1),
+        "recv_cpu_us_per_frame": round(got["cpu_seconds"] / max(got["frames"], 1) * 1e6, 3),
         "loss": round(1 - got["frames"] / sent["frames"], 5) if sent["frames"] else None,
         "receiver_socket_drops": got.get("socket_drops"),
         **({"counters": sent["counters"]} if "counters" in sent else {}),
@@ -491,7 +561,7 @@ def main(argv=None) -> int:
     p.add_argument("--pin", action="store_true",
                    help="--ring: sender on CPU 0, receiver on CPU 1 (steadier sender figures)")
     # Internal: the role processes started inside the namespaces.
-    p.add_argument("--role", choices=["send", "recv"], help=argparse.SUPPRESS)
+    p.add_argument("--role", choices=["send", *RECEIVERS], help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=SEND_MODES, default="send", help=argparse.SUPPRESS)
     p.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
     p.add_argument("--ifname", help=argparse.SUPPRESS)
@@ -501,8 +571,9 @@ def main(argv=None) -> int:
 
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
-    if args.role == "recv":
-        print(json.dumps(_role_recv(args.ifname, args.limit)), flush=True)
+    if args.role in RECEIVERS:
+        role = _role_recv if args.role == "recv" else _role_recv_ring
+        print(json.dumps(role(args.ifname, args.limit)), flush=True)
         return 0
     if args.role == "send":
         print(json.dumps(_role_send(args.ifname, bytes.fromhex(args.dst), args.mtu[0],
