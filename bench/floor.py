@@ -246,10 +246,6 @@ def log(msg: str) -> None:
     print(f"floor: {msg}", file=sys.stderr, flush=True)
 
 
-def _interrupted(*_) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=volume.parse_size, default=volume.parse_size("1G"),
@@ -266,7 +262,7 @@ def main(argv=None) -> int:
         if shutil.which(tool) is None:
             log(f"{tool} not found")
             return 2
-    signal.signal(signal.SIGTERM, _interrupted)  # unwind like Ctrl-C: targets close
+    signal.signal(signal.SIGTERM, volume._interrupted)  # unwind like Ctrl-C: targets close
     result = run(args)
     print(markdown(result))
     if args.json:
